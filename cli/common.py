@@ -1,0 +1,75 @@
+"""Shared CLI pieces: the error boundary and option types reused across commands.
+
+Library code raises typed errors whose first line is the cause and the fix; the CLI prints that
+line (and any report lines after it) to stderr and exits non-zero, without a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from typing import Callable, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable)
+
+# Exit codes: 2 = bad input (user can fix), 3 = parity/validation failed.
+EXIT_BAD_INPUT = 2
+EXIT_CHECK_FAILED = 3
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+    @property
+    def dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.value]
+
+
+class Pos128(str, Enum):
+    reference = "reference"
+    consistent = "consistent"
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn the library's user-facing errors into a clean message and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+        except Exception as e:  # noqa: BLE001 - classified below
+            if _is_user_error(e):
+                fail(str(e), getattr(e, "exit_code", EXIT_BAD_INPUT))
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _is_user_error(e: Exception) -> bool:
+    # ValueError covers CheckpointError, config/preset errors, sampling-option errors; the export and
+    # runtime error types subclass it too (ArtifactError, SignatureError, ParityError).
+    from hita.export.errors import ExportError
+
+    return isinstance(e, (ValueError, ExportError, FileNotFoundError, NotADirectoryError, PermissionError))
+
+
+def progress_enabled() -> bool:
+    """Progress bars go to stderr; HITA_NO_PROGRESS=1 silences them (logs, scripts)."""
+    import os
+
+    return os.environ.get("HITA_NO_PROGRESS", "") in ("", "0")

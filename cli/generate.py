@@ -1,0 +1,78 @@
+"""`hita generate`: class-conditional images through any runtime, as PNG files and a grid."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hita.cli.common import Pos128, Precision, progress_enabled, user_errors
+from hita.runtimes.factory import ARTIFACT_RUNTIMES, Runtime
+
+GPT_OPT = Annotated[Optional[Path], typer.Option("--gpt", help="GPT checkpoint (.pt or .safetensors). Default: the embedded model.")]
+TOK_OPT = Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer checkpoint. Default: the embedded model.")]
+ART_OPT = Annotated[Optional[Path], typer.Option("--artifacts", help="Folder made by `hita export` (artifact runtimes).")]
+
+
+def resolve_checkpoints(gpt: Path | None, tokenizer: Path | None):
+    """Both given → them; neither → the embedded default; one alone → an error."""
+    from hita.assets import default_model
+
+    if gpt is None and tokenizer is None:
+        d = default_model()
+        return d.gpt, d.tokenizer, d.class_names
+    if gpt is None or tokenizer is None:
+        raise ValueError("pass both --gpt and --tokenizer, or neither to use the embedded default model")
+    return gpt, tokenizer, None
+
+
+@user_errors
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="Output folder for PNGs and grid.png.")] = Path("out/generate"),
+    runtime: Annotated[Runtime, typer.Option(help="Step executor.")] = Runtime.torch,
+    gpt: GPT_OPT = None,
+    tokenizer: TOK_OPT = None,
+    artifacts: ART_OPT = None,
+    classes: Annotated[Optional[str], typer.Option(help="Class ids, e.g. 1,2,5-7. Default: every class of a small model.")] = None,
+    per_class: Annotated[int, typer.Option(min=1, help="Images per class id.")] = 1,
+    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.5,
+    cfg_interval: Annotated[int, typer.Option(help="Use CFG only for decode steps <= this index (-1 = always).")] = -1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (CFG doubles the rows).")] = 8,
+    precision: Annotated[Precision, typer.Option(help="GPT precision (torch runtime).")] = Precision.fp32,
+    pos128: Annotated[Pos128, typer.Option(help="Embedding rule at position 128 (torch runtime).")] = Pos128.reference,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    resize: Annotated[Optional[int], typer.Option(help="Resize outputs (bicubic), e.g. 256 as the reference evaluates.")] = None,
+) -> None:
+    """Generate class-conditional images (one PNG each, plus grid.png)."""
+    from hita.runtimes.factory import make_executor
+    from hita.runtimes.generate import generate_to_dir, parse_classes
+    from hita.runtimes.sampling import SamplingOptions
+
+    opts = SamplingOptions(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed)
+    names = None
+    if runtime in ARTIFACT_RUNTIMES:
+        if gpt is not None or tokenizer is not None:
+            raise ValueError(f"--runtime {runtime.value} runs --artifacts; --gpt/--tokenizer are for the torch runtime")
+        ex = make_executor(runtime, artifacts=artifacts, device=device)
+    else:
+        gpt, tokenizer, names = resolve_checkpoints(gpt, tokenizer)
+        ex = make_executor(runtime, gpt=gpt, tokenizer=tokenizer, device=device, dtype=precision.dtype,
+                           pos128=pos128.value)
+    n_classes = ex.gpt_config.num_classes
+    if classes is None:
+        if n_classes > 100:
+            raise ValueError("pass --classes (this GPT has 1000 classes), e.g. --classes 207,360,387")
+        classes = f"0-{n_classes - 1}"
+    ids = parse_classes(classes, n_classes, per_class)
+    res = generate_to_dir(ex, ids, opts, out, batch_size=batch_size, resize=resize, class_names=names,
+                          progress=progress_enabled())
+    typer.echo(f"wrote {len(res.pngs)} PNGs and {res.grid} ({res.seconds:.1f}s, runtime {runtime.value})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)

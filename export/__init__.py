@@ -1,0 +1,1 @@
+"""Export: one declarative spec per graph, ONNX / TensorRT / AOTInductor, manifests."""

@@ -1,0 +1,66 @@
+"""Tiny random models and a reusable tiny ONNX export, for tests and quick demos.
+
+Freshly initialised GPTs have an all-zero output head (spec 4.5), so every logit is 0 and every
+parity check would pass trivially. :func:`tiny_models` draws the head at random so the logits spread
+over several units (sampling and greedy decoding then depend on every layer).
+
+:func:`tiny_onnx_artifacts` exports those models once into a folder and reuses the folder while its
+manifest verifies, so several test files in one pytest session share one export (the dynamo
+exporter needs tens of seconds even for the tiny presets).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hita.config import GPTConfig, TokenizerConfig
+
+from .errors import ArtifactError
+from .manifest import load_manifest
+
+__all__ = ["tiny_models", "tiny_onnx_artifacts"]
+
+
+def tiny_models(seed: int = 0, head_std: float = 0.2):
+    """The ``tiny`` GPT and tokenizer with seeded random weights and a non-zero output head.
+
+    Args:
+        seed: seed of a private generator (the global RNG state is restored).
+        head_std: std of the output head weights; 0.2 gives logits with a std of about 2.
+    Returns:
+        ``(gpt, tokenizer)`` in eval mode, float32, CPU.
+    """
+    from hita.models.gpt import HitaGPT
+    from hita.models.tokenizer import HitaTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gpt = HitaGPT(GPTConfig.from_name("tiny"))
+        tok = HitaTokenizer(TokenizerConfig.from_name("tiny"))
+        with torch.no_grad():
+            gpt.output.weight.normal_(0.0, head_std)
+    return gpt.eval(), tok.eval()
+
+
+def tiny_onnx_artifacts(out_dir: str | Path, seed: int = 0, **export_kwargs) -> Path:
+    """Export :func:`tiny_models` ``(seed)`` to ``out_dir`` unless a verified export is already there.
+
+    Args:
+        out_dir: artifacts folder.
+        seed: model seed (part of what the folder holds: use one folder per seed).
+        export_kwargs: passed to :func:`hita.export.onnx.export_onnx` (``progress`` defaults off).
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    from .onnx import export_onnx
+
+    out = Path(out_dir)
+    try:
+        load_manifest(out, expect_engine="onnx")
+        return out
+    except ArtifactError:
+        pass
+    gpt, tok = tiny_models(seed)
+    export_kwargs.setdefault("progress", False)
+    return export_onnx(gpt, tok, out, **export_kwargs)

@@ -1,0 +1,315 @@
+"""Checkpoints: released ``.pt`` files and the project's safetensors format.
+
+Released files (spec section 3) are dicts holding ``ema`` / ``model`` / ``state_dict`` / ``module``
+state dicts plus optimizer state and a pickled ``argparse.Namespace`` under ``args``. They are read
+with ``torch.load(weights_only=True)`` and an allow-list containing only ``argparse.Namespace``:
+pickled code is never executed, and anything outside the allow-list is refused with the name of
+the offending global.
+
+The project's own format is one safetensors file per model whose string metadata carries the kind
+(``hita_kind``: "tokenizer" | "gpt") and the full config JSON (``hita_config``). Released files carry
+no usable config, so their preset is inferred from tensor shapes (or given explicitly).
+
+Every load is strict: missing keys, unexpected keys and shape mismatches are reported together.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import nn
+
+from hita.config import GPTConfig, TokenizerConfig
+
+Kind = Literal["tokenizer", "gpt"]
+KINDS: tuple[str, ...] = ("tokenizer", "gpt")
+FORMAT_VERSION = "1"
+
+# The only pickled globals a released Hita checkpoint needs beyond tensors and plain containers.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+# Where the reference stores weights, in the order its readers look (spec section 3).
+STATE_DICT_ENTRIES: tuple[str, ...] = ("ema", "model", "state_dict", "module")
+# Wrappers whose prefixes may appear on keys saved from wrapped modules (DDP, torch.compile).
+STRIP_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used. ``str(err)``'s first line is the cause and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to unpickle: {first[:300]}. hita loads checkpoints with "
+            "weights_only=True and never executes pickled code; re-save the weights as a plain "
+            "state dict (or safetensors) from a trusted environment."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); the "
+            "file may be truncated or of another format."
+        ) from None
+
+
+def _select_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for entry in STATE_DICT_ENTRIES:
+            if entry in obj and isinstance(obj[entry], Mapping):
+                obj = obj[entry]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(
+            f"{path}: no state dict found (looked for entries {', '.join(STATE_DICT_ENTRIES)} or a "
+            "plain state dict); is this a Hita checkpoint?"
+        )
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if len(sd) != len(obj):
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
+        raise CheckpointError(f"{path}: state dict holds non-tensor entries {bad}; is this a Hita checkpoint?")
+    for prefix in STRIP_PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    # Backbone weights are never part of a Hita checkpoint (spec 2.2); drop them if a user's file has them.
+    return {k: v for k, v in sd.items() if "backbone" not in k}
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a state dict and its metadata from a released ``.pt`` or one of our ``.safetensors``.
+
+    Returns:
+        (state_dict, metadata): metadata is the safetensors string metadata, empty for ``.pt``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < (1 << 27)
+                                          and not head.startswith(b"PK") and not head.startswith(b"\x80")):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            sd = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({str(e)[:200]}); the file may be truncated."
+            ) from None
+        return sd, meta
+    return _select_state_dict(_load_pickle(path), path), {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model construction, preset inference, strict loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _build(kind: Kind, cfg) -> nn.Module:
+    if kind == "tokenizer":
+        from hita.models.tokenizer import HitaTokenizer
+
+        return HitaTokenizer(cfg)
+    from hita.models.gpt import HitaGPT
+
+    return HitaGPT(cfg)
+
+
+def _config_cls(kind: Kind):
+    return TokenizerConfig if kind == "tokenizer" else GPTConfig
+
+
+def expected_shapes(kind: Kind, cfg) -> dict[str, tuple[int, ...]]:
+    """Key → shape of a model's state dict, built on the meta device (no memory, any size)."""
+    with torch.device("meta"):
+        model = _build(kind, cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def guess_kind(sd: Mapping[str, torch.Tensor]) -> Kind:
+    if "tok_embeddings.weight" in sd or "cls_embedding.embedding_table.weight" in sd:
+        return "gpt"
+    if any(k.startswith(("decode_transformer.", "decoder.", "quantize.")) for k in sd):
+        return "tokenizer"
+    raise CheckpointError(
+        "checkpoint holds neither a Hita tokenizer nor a Hita GPT state dict (first keys: "
+        f"{list(sd)[:4]}); check the file."
+    )
+
+
+def infer_preset(kind: Kind, sd: Mapping[str, torch.Tensor]):
+    """The preset whose state dict has exactly these keys and shapes (released files carry no config)."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for cfg in _config_cls(kind).PRESETS.values():
+        if expected_shapes(kind, cfg) == shapes:
+            return cfg
+    names = ", ".join(_config_cls(kind).PRESETS)
+    raise CheckpointError(
+        f"the {kind} checkpoint matches none of the presets ({names}) by key set and shapes; pass "
+        "--preset NAME to see the key report against a given preset."
+    )
+
+
+def state_dict_report(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, torch.Tensor]) -> str:
+    """Readable list of missing keys, unexpected keys and shape mismatches ('' when they agree)."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k])
+    ]
+    lines = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+        if items:
+            shown = items[:12] + ([f"... and {len(items) - 12} more"] if len(items) > 12 else [])
+            lines.append(f"{title} ({len(items)}):\n    " + "\n    ".join(shown))
+    return "\n".join(lines)
+
+
+def _config_from_metadata(kind: Kind, meta: Mapping[str, str], path: Path):
+    stored_kind = meta.get("hita_kind")
+    if stored_kind is not None and stored_kind != kind:
+        raise CheckpointError(f"{path}: holds a hita {stored_kind}, not a {kind}; pass the right file.")
+    if "hita_config" not in meta:
+        return None
+    try:
+        return _config_cls(kind).from_json(meta["hita_config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: config in the file's metadata is invalid ({e}); re-save it.") from None
+
+
+def load_model(
+    path: str | os.PathLike,
+    kind: Kind,
+    preset: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Build the model for ``path`` and load its weights strictly. Returns it in eval mode.
+
+    The config comes from, in order: ``preset`` (checked against the file's shapes), the file's own
+    metadata (our safetensors), or inference from tensor shapes (released ``.pt`` files).
+    """
+    path = Path(path)
+    sd, meta = read_checkpoint(path)
+    if meta.get("hita_kind") is None and kind != guess_kind(sd):
+        raise CheckpointError(f"{path}: holds a Hita {guess_kind(sd)}, not a {kind}; pass the right file.")
+    cfg = _config_cls(kind).from_name(preset) if preset else _config_from_metadata(kind, meta, path)
+    if cfg is None:
+        cfg = infer_preset(kind, sd)
+    report = state_dict_report(expected_shapes(kind, cfg), sd)
+    if report:
+        raise CheckpointError(
+            f"{path}: does not fit the {kind} preset {cfg.name!r} (see the key report below); pass the "
+            f"matching --preset or the right file.\n{report}"
+        )
+    # Build without initialising (meta, then uninitialised storage): a GPT-2B would otherwise spend
+    # seconds on random init that the checkpoint overwrites. Models rebuild their non-persistent
+    # buffers (RoPE tables) in `_apply`, which `to_empty` calls.
+    with torch.device("meta"):
+        model = _build(kind, cfg)
+    model = model.to_empty(device=device)
+    model.load_state_dict(sd, strict=True)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.eval()
+
+
+def load_tokenizer(path, preset: str | None = None, backbone: str | os.PathLike | None = None, device="cpu"):
+    """Load a Hita tokenizer (released ``.pt`` or our ``.safetensors``) in fp32 eval mode.
+
+    Args:
+        backbone: local DINOv2 ViT-L/14-reg4 weights; needed only to ``encode`` with presets that have
+            a backbone. Decoding never needs it.
+    """
+    model = load_model(path, "tokenizer", preset, device)
+    if backbone is not None:
+        model.load_backbone(backbone)
+    return model
+
+
+def load_gpt(path, preset: str | None = None, device="cpu", dtype: torch.dtype | None = None):
+    """Load a Hita GPT (released ``.pt`` or our ``.safetensors``) in eval mode."""
+    return load_model(path, "gpt", preset, device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_model(model: nn.Module, cfg, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Save ``model`` in the project's format: safetensors + kind + config JSON in the metadata."""
+    from safetensors.torch import save_file
+
+    kind = "tokenizer" if isinstance(cfg, TokenizerConfig) else "gpt"
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return save_state_dict(sd, kind, cfg, path, extra_metadata)
+
+
+def save_state_dict(sd, kind: Kind, cfg, path, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    meta = {"hita_kind": kind, "hita_config": cfg.to_json(), "hita_format": FORMAT_VERSION}
+    meta.update(extra_metadata or {})
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, preset: str | None = None) -> tuple[Kind, Any]:
+    """Convert a released ``.pt`` into our safetensors format, verifying it strictly first.
+
+    Returns:
+        (kind, config) of the converted model.
+    """
+    sd, meta = read_checkpoint(src)
+    kind: Kind = meta.get("hita_kind") or guess_kind(sd)  # type: ignore[assignment]
+    model = load_model(src, kind, preset)
+    cfg = model.cfg
+    save_state_dict(sd, kind, cfg, dst, {"hita_source_sha256": file_sha256(src)})
+    return kind, cfg

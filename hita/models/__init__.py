@@ -1,0 +1,2 @@
+from hita.models.gpt import HitaGPT
+from hita.models.tokenizer import HitaTokenizer, TokenizerOutput

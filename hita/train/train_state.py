@@ -1,0 +1,126 @@
+"""Checkpoint folders of a training run: atomic writes, discovery of the latest, RNG capture.
+
+Layout: ``<run>/checkpoints/step_00001000/`` holding ``model.safetensors`` and ``ema.safetensors`` (the
+project's checkpoint format, loadable by ``hita.checkpoint``) and ``train_state.pt`` (optimizer,
+scheduler, step, per-rank RNG states, discriminator, trainer config). A folder is written under a
+temporary name and renamed into place, so an interrupted save never leaves a half checkpoint that
+``--resume`` could pick up.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+TRAIN_STATE = "train_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoint folders of a run as (step, path), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / TRAIN_STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], None],
+                     keep_last: int | None = None) -> Path:
+    """Call ``write(tmp_folder)`` and rename the folder to ``checkpoints/step_XXXXXXXX`` atomically.
+
+    ``keep_last``: afterwards delete all but the newest ``keep_last`` checkpoints (None keeps all).
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if final.exists():  # a rerun over an older copy of this step: swap, then drop the old one
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        for _, p in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def save_train_state(path: Path, state: dict[str, Any]) -> None:
+    torch.save(state, path)
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """Read ``train_state.pt`` without unpickling code (tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise ValueError(f"{path}: unreadable training state ({type(e).__name__}); delete that checkpoint "
+                         "folder to resume from the one before it") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states (torch CPU / CUDA, numpy, python), as weights-only-loadable containers
+# ----------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,1 @@
+"""Runtimes: one decode loop over interchangeable step executors, plus parity."""

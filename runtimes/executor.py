@@ -1,0 +1,123 @@
+"""The step-executor interface: what a backend must do so the shared decode loop can drive it.
+
+An executor owns a GPT (as eager modules, an ONNX session, a TensorRT engine, ...) plus its KV cache,
+and optionally a tokenizer decoder. It runs exactly one forward per call and never samples: the loop
+(``runtimes/loop.py``) does CFG mixing, filtering and the draw (``runtimes/sampling.py``) for every
+backend alike, so two executors that return equal logits generate equal tokens.
+
+Call sequence for one batch of ``B`` rows (``B = 2n`` with CFG: n conditional rows, then n null-class
+rows)::
+
+    ex.start(B)
+    logits = ex.prefill(class_ids)                  # position 0 -> logits for holistic token 0
+    for pos in 1 .. n_holistic + n_patch - 1:
+        logits = ex.decode(prev_tokens, pos)        # feeds token pos-1 at position pos
+    images = ex.decode_image(holistic_ids, patch_ids)
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+
+from hita.config import GPTConfig, TokenizerConfig
+
+__all__ = ["StepExecutor", "validate_class_ids"]
+
+
+class StepExecutor(ABC):
+    """One forward step of the Hita GPT (and the tokenizer decoder) on some backend.
+
+    Attributes:
+        gpt_config: the :class:`~hita.config.GPTConfig` of the GPT this executor runs (token layout,
+            vocab size, number of classes, null class).
+        tokenizer_config: the :class:`~hita.config.TokenizerConfig` of the decoder, or ``None`` when
+            the executor cannot decode images.
+        name: short backend name for reports (``"torch-eager"``, ``"onnxruntime"``, ...).
+
+    Tensors: inputs may arrive on the CPU; an executor moves them to its device. Returned logits
+    may live on the CPU or the executor's device and have the GPT's dtype; the loop casts them.
+    """
+
+    gpt_config: GPTConfig
+    tokenizer_config: TokenizerConfig | None
+    name: str
+
+    @abstractmethod
+    def start(self, batch: int) -> None:
+        """Allocate (or reset) the KV cache for a new sequence of ``batch`` rows.
+
+        Args:
+            batch: number of rows, CFG null-class rows included.
+        """
+
+    @abstractmethod
+    def prefill(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Run position 0 (the class token) for every row.
+
+        Args:
+            class_ids: int64 ``[B]``; ids in ``[0, num_classes]`` (``num_classes`` = CFG null class).
+        Returns:
+            logits ``[B, V]`` of the holistic head (predicting holistic token 0).
+        """
+
+    @abstractmethod
+    def decode(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Feed one token per row at sequence position ``pos`` and return the next-token logits.
+
+        Args:
+            tokens: int64 ``[B]``, the token at sequence index ``pos - 1`` (holistic token ``pos - 1``
+                while ``pos <= n_holistic``, else patch token ``pos - 1 - n_holistic``).
+            pos: position in ``1 .. n_holistic + n_patch - 1``.
+        Returns:
+            logits ``[B, V]`` of the head that ``pos`` selects (holistic if ``pos < n_holistic``,
+            else patch), predicting sequence index ``pos``.
+        """
+
+    @abstractmethod
+    def decode_image(self, holistic_ids: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+        """Turn tokens into pixels with the tokenizer decoder.
+
+        Args:
+            holistic_ids: int64 ``[n, n_holistic]``.
+            patch_ids: int64 ``[n, n_patch]``.
+        Returns:
+            float32 ``[n, 3, H, W]``, unclamped, nominally in ``[-1, 1]``.
+        """
+
+
+def validate_class_ids(class_ids: torch.Tensor | Sequence[int], num_classes: int) -> torch.Tensor:
+    """Check user class ids and return them as an int64 CPU tensor.
+
+    The null class (``num_classes``) is reserved for the CFG unconditional rows, which the loop adds
+    itself, so it is rejected here.
+
+    Args:
+        class_ids: 1-D tensor or sequence of ints.
+        num_classes: number of real classes of the GPT (``gpt_config.num_classes``).
+    Returns:
+        int64 CPU tensor ``[n]``.
+    Raises:
+        ValueError: empty input, wrong shape or dtype, or an id outside ``[0, num_classes)``.
+    """
+    if isinstance(class_ids, torch.Tensor):
+        if class_ids.dtype.is_floating_point or class_ids.dtype.is_complex or class_ids.dtype == torch.bool:
+            raise ValueError(f"class ids must be integers, got a {class_ids.dtype} tensor")
+        ids = class_ids.detach().to("cpu", torch.int64)
+    else:
+        values = list(class_ids)
+        if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in values):
+            raise ValueError(f"class ids must be integers, got {values!r}")
+        ids = torch.tensor([v.__index__() for v in values], dtype=torch.int64)
+    if ids.dim() != 1:
+        raise ValueError(f"class ids must be a 1-D list (one id per image), got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("no class ids given; pass at least one class id per image to generate")
+    bad = ids[(ids < 0) | (ids >= num_classes)]
+    if bad.numel():
+        raise ValueError(
+            f"class id {int(bad[0])} out of range [0, {num_classes}) for this GPT; "
+            f"use ids 0..{num_classes - 1} (id {num_classes} is the CFG null class, added by the loop)"
+        )
+    return ids

@@ -1,0 +1,263 @@
+"""ONNX Runtime step executor over an exported artifacts folder (``hita export --engine onnx``).
+
+Trust first: the folder's manifest is verified (every file's size and sha256, format version,
+engine kind) before any session opens, and each session's declared inputs/outputs are compared with
+the manifest's signature, which is itself re-derived from the recorded configs. A folder that fails
+any check is refused with a one-line :class:`ArtifactError` / :class:`SignatureError`.
+
+Speed: the GPT graphs run through IO binding. ``start(batch)`` allocates every buffer once as an
+``OrtValue`` on the session's device: the KV cache, the logits, the token, the position. Each step
+only writes the token and position in place and calls ``run_with_iobinding``; the cache never
+passes through numpy. Two cache strategies:
+
+- ``"inplace"``: one buffer per cache tensor, bound as both ``past_key_values.i`` (input) and
+  ``present.i`` (output). Half the memory, no rebinding. ONNX Runtime does not document aliasing
+  an input with an output; the exporter checks that it is bit-exact for this graph on the CPU
+  provider and records ``kv_inplace_verified`` in the manifest.
+- ``"pingpong"``: two buffer sets, A -> B then B -> A, two bindings built once. Always safe.
+
+``"auto"`` (default) picks ``"inplace"`` only where it was verified (CPU provider and the manifest
+flag), else ``"pingpong"``.
+
+Logits come back as a torch tensor that shares memory with the bound output ``OrtValue`` (DLPack,
+zero-copy on CPU and CUDA, any dtype including bfloat16). It is overwritten by the next call, so a
+caller that keeps logits across steps must copy them (the shared loop consumes them at once).
+
+``onnxruntime`` is imported only here, when an executor is built. The CPU provider is the default;
+with ``onnxruntime-gpu`` installed, the CUDA provider is used first when available, and every
+bound buffer lives on the GPU.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from hita.export.errors import ArtifactError, SignatureError
+from hita.export.manifest import Manifest, load_manifest
+from hita.export.spec import DECODE_STEP, DECODER, PREFILL, GraphSignature, TensorSpec, graph_specs
+
+from .executor import StepExecutor
+
+__all__ = ["OrtExecutor", "KV_BINDINGS", "session_signature"]
+
+KV_BINDINGS = ("auto", "inplace", "pingpong")
+
+# ONNX Runtime type strings -> spec dtype names, and spec names -> ONNX TensorProto element types.
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+_ONNX_ELEM = {"float32": 1, "float16": 10, "bfloat16": 16, "int64": 7, "int32": 6, "bool": 9}
+_FIX = "re-run `hita export --engine onnx`"
+
+
+def session_signature(sess: Any) -> GraphSignature:
+    """What an ``InferenceSession`` declares: names, dtypes, shapes (unnamed dynamic dims -> ``"?"``)."""
+
+    def spec(arg: Any) -> TensorSpec:
+        dims = tuple("?" if d is None else d for d in arg.shape)
+        return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type), dims)
+
+    return GraphSignature(tuple(map(spec, sess.get_inputs())), tuple(map(spec, sess.get_outputs())))
+
+
+def _default_providers(ort: Any) -> list:
+    available = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else [
+        "CPUExecutionProvider"
+    ]
+
+
+class OrtExecutor(StepExecutor):
+    """:class:`~hita.runtimes.executor.StepExecutor` over ``decoder.onnx``, ``prefill.onnx`` and
+    ``decode_step.onnx``.
+
+    Args:
+        artifacts_dir: folder written by :func:`hita.export.onnx.export_onnx`.
+        providers: ONNX Runtime execution providers, names or ``(name, options)`` pairs, e.g.
+            ``[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]``. Default: CUDA
+            then CPU when the CUDA provider is available, else CPU.
+        threads: intra-op threads per session (``None``: ONNX Runtime's default, one per core).
+        kv_binding: ``"auto"``, ``"inplace"`` or ``"pingpong"`` (see the module docstring).
+        verify_files: hash every artifact file on load (``False``: sizes only; faster for multi-GB
+            folders that were verified before).
+    Raises:
+        ArtifactError: the folder or manifest fails verification, or a file cannot be loaded.
+        SignatureError: a graph's declared I/O differs from the manifest.
+        ValueError: unknown ``kv_binding``.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        artifacts_dir: str | os.PathLike,
+        providers: Sequence[str | tuple[str, dict]] | None = None,
+        threads: int | None = None,
+        kv_binding: str = "auto",
+        verify_files: bool = True,
+    ) -> None:
+        if kv_binding not in KV_BINDINGS:
+            raise ValueError(f"kv_binding must be one of {KV_BINDINGS}, got {kv_binding!r}")
+        self.artifacts_dir = Path(artifacts_dir)
+        self.manifest = load_manifest(self.artifacts_dir, expect_engine="onnx", verify_files=verify_files)
+        self.gpt_config, self.tokenizer_config = _configs(self.manifest)
+        self.specs = graph_specs(self.tokenizer_config, self.gpt_config, dtype=self.manifest.precision)
+        for graph, spec in self.specs.items():
+            try:
+                spec.signature.check(self.manifest.signature(graph), "manifest.json", spec.description, _FIX)
+            except SignatureError as e:
+                raise ArtifactError(f"{e}; the recorded configs and graph signatures disagree") from None
+
+        import onnxruntime as ort  # lazy: `import hita` must work without onnxruntime
+
+        self._ort = ort
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads is not None:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        providers = list(providers) if providers is not None else _default_providers(ort)
+        self._sessions = {g: self._open(g, so, providers) for g in (DECODER, PREFILL, DECODE_STEP)}
+        self.providers = self._sessions[DECODE_STEP].get_providers()
+        self.device_type, self.device_id = _device_of(self._sessions[DECODE_STEP])
+        verified = bool(self.manifest.options.get("kv_inplace_verified")) and self.device_type == "cpu"
+        self.kv_binding = ("inplace" if verified else "pingpong") if kv_binding == "auto" else kv_binding
+        self._batch = 0
+        self._prefilled = False
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _open(self, graph: str, so: Any, providers: list) -> Any:
+        spec = self.specs[graph]
+        file = self.manifest.graph_file(graph)
+        try:
+            sess = self._ort.InferenceSession(str(self.artifacts_dir / file), so, providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{file}: ONNX Runtime cannot load it ({first}); {_FIX}") from None
+        self.manifest.signature(graph).check(session_signature(sess), file, spec.description, _FIX)
+        return sess
+
+    # -- buffers -----------------------------------------------------------------------------
+
+    def _alloc(self, shape: Sequence[int], dtype: str) -> Any:
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(
+            list(shape), _ONNX_ELEM[dtype], self.device_type, self.device_id
+        )
+
+    def start(self, batch: int) -> None:
+        """Allocate the cache, logits, token and position buffers for ``batch`` rows and build the
+        IO bindings. See :meth:`StepExecutor.start`.
+
+        The cache is not zeroed here: ``prefill`` writes the whole cache (its graph starts from zeros).
+        """
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        self._batch, self._prefilled = 0, False
+        sizes = {"batch": batch}
+        pre, dec = self.specs[PREFILL], self.specs[DECODE_STEP]
+        kv_specs = dec.inputs[2:]
+        n_sets = 1 if self.kv_binding == "inplace" else 2
+        self._kv = [[self._alloc(t.concrete_shape(sizes), t.dtype) for t in kv_specs] for _ in range(n_sets)]
+        logits_spec = dec.outputs[0]
+        self._logits = self._alloc(logits_spec.concrete_shape(sizes), logits_spec.dtype)
+        self._class_ids = self._alloc((batch,), "int64")
+        self._token = self._alloc((batch,), "int64")
+        self._position = self._alloc((1,), "int64")
+        self._logits_t = torch.from_dlpack(self._logits)  # [B, V], shares memory with the OrtValue
+
+        self._prefill_binding = self._sessions[PREFILL].io_binding()
+        self._prefill_binding.bind_ortvalue_input("class_ids", self._class_ids)
+        self._prefill_binding.bind_ortvalue_output(pre.output_names[0], self._logits)
+        for name, buf in zip(pre.output_names[1:], self._kv[0]):
+            self._prefill_binding.bind_ortvalue_output(name, buf)
+        # Binding i reads cache set i and writes set (i + 1) % n_sets: one binding when in place.
+        self._decode_bindings = [self._decode_binding(i, (i + 1) % n_sets) for i in range(n_sets)]
+        self._cur = 0  # cache set that holds the current cache
+        self._batch = batch
+
+    def _decode_binding(self, src: int, dst: int) -> Any:
+        spec = self.specs[DECODE_STEP]
+        b = self._sessions[DECODE_STEP].io_binding()
+        b.bind_ortvalue_input("token", self._token)
+        b.bind_ortvalue_input("position", self._position)
+        for name, buf in zip(spec.input_names[2:], self._kv[src]):
+            b.bind_ortvalue_input(name, buf)
+        b.bind_ortvalue_output(spec.output_names[0], self._logits)
+        for name, buf in zip(spec.output_names[1:], self._kv[dst]):
+            b.bind_ortvalue_output(name, buf)
+        return b
+
+    def _ids(self, t: torch.Tensor, what: str) -> np.ndarray:
+        if self._batch == 0:
+            raise RuntimeError(f"{self.name}: call start(batch) before {what}")
+        if t.dim() != 1 or t.shape[0] != self._batch:
+            raise ValueError(
+                f"{self.name}.{what} expects [{self._batch}] ids (the batch given to start), got shape {tuple(t.shape)}"
+            )
+        return np.ascontiguousarray(t.detach().to("cpu", torch.int64).numpy())
+
+    # -- GPT steps ---------------------------------------------------------------------------
+
+    def prefill(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """See :meth:`StepExecutor.prefill`. Returns logits ``[B, V]`` in the export dtype, a view
+        of the bound output buffer (valid until the next call)."""
+        self._class_ids.update_inplace(self._ids(class_ids, "prefill"))
+        self._sessions[PREFILL].run_with_iobinding(self._prefill_binding)
+        self._cur, self._prefilled = 0, True
+        return self._logits_t
+
+    def decode(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """See :meth:`StepExecutor.decode`. Returns logits ``[B, V]`` in the export dtype, a view of
+        the bound output buffer (valid until the next call)."""
+        ids = self._ids(tokens, "decode")
+        if not self._prefilled:
+            raise RuntimeError(f"{self.name}: call prefill(class_ids) after start(batch) and before decode")
+        last = self.gpt_config.seq_len - 1
+        if not 1 <= int(pos) <= last:
+            raise ValueError(f"decode position {pos} out of range [1, {last}] for this GPT")
+        self._token.update_inplace(ids)
+        self._position.update_inplace(np.array([int(pos)], dtype=np.int64))
+        self._sessions[DECODE_STEP].run_with_iobinding(self._decode_bindings[self._cur])
+        self._cur = (self._cur + 1) % len(self._kv)
+        return self._logits_t
+
+    # -- pixels ------------------------------------------------------------------------------
+
+    def decode_image(self, holistic_ids: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+        """See :meth:`StepExecutor.decode_image`. Returns float32 CPU ``[n, 3, H, W]``."""
+        cfg = self.tokenizer_config
+        h, p = holistic_ids.detach().to("cpu", torch.int64), patch_ids.detach().to("cpu", torch.int64)
+        if h.dim() != 2 or p.dim() != 2 or h.shape[1] != cfg.n_holistic or p.shape[1] != cfg.n_patch \
+                or h.shape[0] != p.shape[0]:
+            raise ValueError(
+                f"decode_image expects holistic_ids [n, {cfg.n_holistic}] and patch_ids [n, {cfg.n_patch}], "
+                f"got {tuple(h.shape)} and {tuple(p.shape)}"
+            )
+        (image,) = self._sessions[DECODER].run(None, {"holistic_ids": h.numpy(), "patch_ids": p.numpy()})
+        return torch.from_numpy(image)  # [n, 3, H, W]
+
+
+def _configs(manifest: Manifest):
+    try:
+        return manifest.gpt_cfg, manifest.tokenizer_cfg
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"manifest.json: invalid model config ({e}); {_FIX}") from None
+
+
+def _device_of(sess: Any) -> tuple[str, int]:
+    """(OrtValue device type, device id) of the session's first provider."""
+    first = sess.get_providers()[0]
+    if first == "CUDAExecutionProvider":
+        opts = sess.get_provider_options().get(first, {})
+        return "cuda", int(opts.get("device_id", 0))
+    return "cpu", 0

@@ -1,0 +1,122 @@
+"""Eager PyTorch step executor: the reference backend every other backend is compared against.
+
+Runs :class:`~hita.models.gpt.HitaGPT` step by step with a static KV cache that lives in this object
+(allocated by ``gpt.new_caches`` in :meth:`TorchExecutor.start`, updated in place), and decodes
+images with :class:`~hita.models.tokenizer.HitaTokenizer` in float32 (the reference keeps the
+tokenizer in fp32 even when the GPT runs in bf16, spec 5). Everything runs under
+``torch.inference_mode``. No sampling happens here (see ``runtimes/loop.py``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from hita.config import check_pair
+
+from .executor import StepExecutor
+
+if TYPE_CHECKING:
+    from hita.models.gpt import HitaGPT
+    from hita.models.tokenizer import HitaTokenizer
+
+__all__ = ["TorchExecutor"]
+
+_POS128 = ("reference", "consistent")
+
+
+class TorchExecutor(StepExecutor):
+    """:class:`StepExecutor` over eager torch modules.
+
+    Args:
+        gpt: the GPT. It is moved to ``device``/``dtype`` and put in eval mode (in place: the
+            caller's module is changed).
+        tokenizer: the tokenizer for :meth:`decode_image`, or ``None`` for token-only use. Moved to
+            ``device`` in float32 and put in eval mode.
+        device: torch device for both models and the cache.
+        dtype: GPT weight and KV-cache dtype (the reference evaluates in bf16).
+        pos128: embedding table for the token fed at position ``n_holistic``: ``"reference"``
+            (``tok_embeddings``, what the released generation code does and what the published FIDs
+            used) or ``"consistent"`` (``slot_embeddings``, what training does); spec 8.1.
+    """
+
+    name = "torch-eager"
+
+    def __init__(
+        self,
+        gpt: "HitaGPT",
+        tokenizer: "HitaTokenizer | None" = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        pos128: str = "reference",
+    ) -> None:
+        if pos128 not in _POS128:
+            raise ValueError(f"pos128 must be one of {_POS128}, got {pos128!r} (see spec section 8.1)")
+        if tokenizer is not None:
+            check_pair(tokenizer.cfg, gpt.cfg)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.pos128 = pos128
+        self.gpt = gpt.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = None if tokenizer is None else tokenizer.to(self.device, torch.float32).eval()
+        self.gpt_config = gpt.cfg
+        self.tokenizer_config = None if tokenizer is None else tokenizer.cfg
+        self._k: list[torch.Tensor] | None = None
+        self._v: list[torch.Tensor] | None = None
+        self._batch = 0
+
+    # -- GPT steps ---------------------------------------------------------------------------
+
+    def start(self, batch: int) -> None:
+        """Allocate zeroed caches for ``batch`` rows. See :meth:`StepExecutor.start`."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        self._k = self._v = None  # free the old cache before allocating the new one
+        with torch.inference_mode():
+            self._k, self._v = self.gpt.new_caches(batch, dtype=self.dtype, device=self.device)
+        self._batch = batch
+
+    def _check_rows(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        if self._k is None:
+            raise RuntimeError(f"{self.name}: call start(batch) before {what}")
+        if t.dim() != 1 or t.shape[0] != self._batch:
+            raise ValueError(
+                f"{self.name}.{what} expects [{self._batch}] ids (the batch given to start), "
+                f"got shape {tuple(t.shape)}"
+            )
+        return t.to(self.device, torch.int64)
+
+    def prefill(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """See :meth:`StepExecutor.prefill`. Returns logits ``[B, V]`` in the GPT dtype."""
+        ids = self._check_rows(class_ids, "prefill")                          # [B]
+        with torch.inference_mode():
+            logits, self._k, self._v = self.gpt.prefill(ids, self._k, self._v, inplace=True)
+        return logits                                                          # [B, V]
+
+    def decode(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """See :meth:`StepExecutor.decode`. Returns logits ``[B, V]`` in the GPT dtype."""
+        toks = self._check_rows(tokens, "decode")                              # [B]
+        last = self.gpt_config.seq_len - 1
+        if not 1 <= int(pos) <= last:
+            raise ValueError(f"decode position {pos} out of range [1, {last}] for this GPT")
+        p = torch.tensor([int(pos)], dtype=torch.int64, device=self.device)   # [1]
+        with torch.inference_mode():
+            logits, self._k, self._v = self.gpt.decode(
+                toks, p, self._k, self._v, pos128=self.pos128, inplace=True
+            )
+        return logits                                                          # [B, V]
+
+    # -- pixels ------------------------------------------------------------------------------
+
+    def decode_image(self, holistic_ids: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+        """See :meth:`StepExecutor.decode_image`. Returns float32 ``[n, 3, H, W]`` on ``device``."""
+        if self.tokenizer is None:
+            raise RuntimeError(
+                f"{self.name} was built without a tokenizer, so it cannot decode images; "
+                "pass tokenizer=HitaTokenizer(...) to TorchExecutor or use generate_tokens"
+            )
+        with torch.inference_mode():
+            images = self.tokenizer.decode(
+                holistic_ids.to(self.device, torch.int64), patch_ids.to(self.device, torch.int64)
+            )
+        return images.float()                                                  # [n, 3, H, W]
