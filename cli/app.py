@@ -21,7 +21,7 @@ app = typer.Typer(
 COMMAND_MODULES: tuple[str, ...] = (
     "demo", "generate", "export", "parity",
     "train", "codes",
-    "convert",
+    "convert", "build_cpp",
 )
 
 for _name in COMMAND_MODULES:

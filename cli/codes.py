@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
 from hita.cli.common import progress_enabled, user_errors
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
 from hita.cli.common import progress_enabled, user_errors
+
 from hita.config import GPTConfig, TokenizerConfig
 
 train_app = typer.Typer(no_args_is_help=True, help="Train a Hita tokenizer or GPT (DDP under torchrun).")

@@ -37,9 +37,10 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -67,12 +68,12 @@ if TYPE_CHECKING:
     from hita.models.tokenizer import HitaTokenizer
 
 __all__ = [
-    "export_aoti",
-    "InplaceDecodeStepGraph",
-    "aoti_spec",
-    "aoti_file_name",
-    "SUFFIX",
     "DEVICE_KINDS",
+    "SUFFIX",
+    "InplaceDecodeStepGraph",
+    "aoti_file_name",
+    "aoti_spec",
+    "export_aoti",
 ]
 
 SUFFIX = ".pt2"
@@ -109,7 +110,7 @@ def aoti_spec(spec: ExportSpec) -> ExportSpec:
     return replace(spec, file_name=aoti_file_name(spec), outputs=outputs)
 
 
-def _graph(name: str, gpt: "HitaGPT", tokenizer: "HitaTokenizer", pos128: str) -> SpecGraph:
+def _graph(name: str, gpt: HitaGPT, tokenizer: HitaTokenizer, pos128: str) -> SpecGraph:
     if name == DECODE_STEP:
         return InplaceDecodeStepGraph(gpt, pos128).eval()
     return build_graph(name, gpt, tokenizer, pos128)
@@ -145,7 +146,7 @@ def _quiet(verbose: bool = False):
 # ----------------------------------------------------------------------------------------------
 
 
-def _trace(graph: SpecGraph, spec: ExportSpec, device: torch.device) -> "torch.export.ExportedProgram":
+def _trace(graph: SpecGraph, spec: ExportSpec, device: torch.device) -> torch.export.ExportedProgram:
     feed = spec.example_inputs(spec.sizes("example"), device=device)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
@@ -158,7 +159,7 @@ def _trace(graph: SpecGraph, spec: ExportSpec, device: torch.device) -> "torch.e
             raise ExportError(f"{aoti_file_name(spec)}: torch.export failed: {type(e).__name__}: {first}") from e
 
 
-def _traced_signature(ep: "torch.export.ExportedProgram", spec: ExportSpec) -> GraphSignature:
+def _traced_signature(ep: torch.export.ExportedProgram, spec: ExportSpec) -> GraphSignature:
     """What the exported program declares, named after the spec (torch.export names its
     placeholders after the Python arguments). Symbolic sizes read as ``"?"``."""
     from torch.export.graph_signature import InputKind, OutputKind
@@ -185,7 +186,7 @@ def _traced_signature(ep: "torch.export.ExportedProgram", spec: ExportSpec) -> G
     return GraphSignature(ins, outs)
 
 
-def _mutated_inputs(ep: "torch.export.ExportedProgram", spec: ExportSpec) -> list[str]:
+def _mutated_inputs(ep: torch.export.ExportedProgram, spec: ExportSpec) -> list[str]:
     """Spec names of the user inputs the exported program writes to (in-place cache)."""
     from torch.export.graph_signature import InputKind, OutputKind
 
@@ -250,7 +251,7 @@ def _decode_positions(gpt_cfg) -> list[int]:
     return sorted({1, nh - 1, nh, nh + 1, last})
 
 
-def _validate(path: Path, graph: SpecGraph, spec: ExportSpec, gpt: "HitaGPT", device: torch.device,
+def _validate(path: Path, graph: SpecGraph, spec: ExportSpec, gpt: HitaGPT, device: torch.device,
               pos128: str) -> dict[str, Any]:
     """Run the package against eager at the spec's check batch; returns a JSON-able report."""
     model = _load(path, device)
@@ -285,14 +286,14 @@ def _validate(path: Path, graph: SpecGraph, spec: ExportSpec, gpt: "HitaGPT", de
             feed["position"] = torch.tensor([p], dtype=torch.int64, device=device)
             where = f" at batch {b}, position {p}"
             ref = eager(*eager.args(feed, spec))
-            caches = tuple(t.clone() for t in feed_caches(feed, spec))
+            caches = tuple(t.clone() for t in _feed_caches(feed, spec))
             logits = model(feed["token"], feed["position"], caches)
             worst = max(worst, _max_diff(spec, names[0], logits, ref[0], where))
             for n, c, r in zip(present_names, caches, ref[1:]):
                 worst = max(worst, _max_diff(spec, n, c, r, where + " (in-place cache)"))
         # Consecutive steps on one set of buffers, as a runtime drives it.
         nh = gpt.cfg.n_holistic
-        caches = tuple(t.clone() for t in feed_caches(feed, spec))
+        caches = tuple(t.clone() for t in _feed_caches(feed, spec))
         ref_caches = tuple(t.clone() for t in caches)
         for p in (nh - 1, nh, nh + 1):
             pos = torch.tensor([p], dtype=torch.int64, device=device)
@@ -306,7 +307,7 @@ def _validate(path: Path, graph: SpecGraph, spec: ExportSpec, gpt: "HitaGPT", de
         return report
 
 
-def feed_caches(feed: Mapping[str, Tensor], spec: ExportSpec) -> tuple[Tensor, ...]:
+def _feed_caches(feed: Mapping[str, Tensor], spec: ExportSpec) -> tuple[Tensor, ...]:
     """The ``past_key_values.*`` tensors of a decode-step feed, in spec order."""
     return tuple(feed[n] for n in spec.input_names[2:])
 
@@ -340,8 +341,8 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def export_aoti(
-    gpt: "HitaGPT",
-    tokenizer: "HitaTokenizer",
+    gpt: HitaGPT,
+    tokenizer: HitaTokenizer,
     out_dir: str | Path,
     *,
     device: str | torch.device = "cpu",

@@ -39,9 +39,17 @@ class SpecGraph(nn.Module):
         """Positional ``forward`` arguments from a ``{input name: tensor}`` feed."""
         return tuple(feed[n] for n in spec.input_names)
 
-    def dynamic_shapes(self, spec: ExportSpec, dim: object) -> tuple:
-        """``torch.export`` dynamic shapes matching :meth:`args`: ``{axis: dim}`` per tensor."""
-        return tuple({a: dim for a in t.dynamic_axes} or None for t in spec.inputs)
+    def dynamic_shapes(self, spec: ExportSpec, dims: Mapping[str, object] | object) -> tuple:
+        """``torch.export`` dynamic shapes matching :meth:`args`: ``{axis: Dim}`` per tensor
+        (``None`` for fully static tensors).
+
+        Args:
+            spec: the graph's spec.
+            dims: axis name -> ``torch.export.Dim``, or one ``Dim`` used for every dynamic axis
+                (the hita specs have a single one, ``batch``).
+        """
+        pick = dims.__getitem__ if isinstance(dims, Mapping) else (lambda _name: dims)
+        return tuple({a: pick(n) for a, n in t.dynamic_axes.items()} or None for t in spec.inputs)
 
 
 class DecoderGraph(SpecGraph):
@@ -104,8 +112,8 @@ class DecodeStepGraph(SpecGraph):
         names = spec.input_names
         return feed[names[0]], feed[names[1]], tuple(feed[n] for n in names[2:])
 
-    def dynamic_shapes(self, spec: ExportSpec, dim: object) -> tuple:
-        flat = super().dynamic_shapes(spec, dim)
+    def dynamic_shapes(self, spec: ExportSpec, dims: Mapping[str, object] | object) -> tuple:
+        flat = super().dynamic_shapes(spec, dims)
         return flat[0], flat[1], tuple(flat[2:])
 
 

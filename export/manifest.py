@@ -10,7 +10,8 @@ whose files are not exactly the ones exported (style rule 11: never trust a file
 Writes are atomic: files are assembled in a hidden sibling folder, ``manifest.json`` is written
 last, everything is fsynced, then the folder is renamed into place. A crash leaves either the old
 folder or the new one, never a half-written folder with a manifest; an existing folder is replaced
-only when it is itself a hita artifacts folder.
+only when it is itself a hita artifacts folder. A killed export can leave a hidden
+``.<name>.work-*`` / ``.<name>.tmp-*`` / ``.<name>.old-*`` folder beside ``<name>``: safe to delete.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from hita.checkpoint import file_sha256
 from hita.config import GPTConfig, TokenizerConfig
 
 from .errors import ArtifactError
@@ -48,7 +50,6 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ENGINES = ("onnx", "aoti", "tensorrt")
 _CHECKSUM_KEY = "manifest_sha256"
-_CHUNK = 1 << 20
 
 
 def _utc_now() -> str:
@@ -97,6 +98,10 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        # Hold JSON-native values only (tuples -> lists), so a manifest equals its reloaded self.
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), dict):
+                object.__setattr__(self, f.name, json.loads(json.dumps(getattr(self, f.name))))
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine kind {self.engine!r}; use one of {', '.join(ENGINES)}")
         for g in self.graphs.values():
@@ -172,13 +177,8 @@ def _check_file_name(name: str) -> None:
         raise ValueError(f"artifact file name {name!r} must be a plain, visible file name other than {MANIFEST_NAME}")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (multi-GB engines do not fit in memory twice)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+# One hashing routine for checkpoints and artifacts (1 MiB chunks: multi-GB engines stay out of memory).
+sha256_file = file_sha256
 
 
 def _fsync_path(path: Path) -> None:

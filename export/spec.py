@@ -19,7 +19,7 @@ is dynamic; classifier-free guidance doubles it (n conditional + n null-class ro
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -133,14 +133,15 @@ class TensorSpec:
         dtype: a key of :data:`DTYPES`.
         shape: ints for static sizes, identifiers for symbolic axes (``("batch", 4, 88, 32)``).
         low, high: value range ``[low, high)`` of integer inputs, used for example inputs (ids must
-            index real table rows); ``None`` for float tensors (standard normal examples).
+            index real table rows); ``None`` for float tensors (standard normal examples). Not part
+            of the signature: equality compares name, dtype and shape only.
     """
 
     name: str
     dtype: str
     shape: tuple[int | str, ...]
-    low: int | None = None
-    high: int | None = None
+    low: int | None = field(default=None, compare=False)
+    high: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # Lenient on purpose: a TensorSpec also describes what a file *declares* (an unknown dtype,

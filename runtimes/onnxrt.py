@@ -141,8 +141,13 @@ class OrtExecutor(StepExecutor):
         file = self.manifest.graph_file(graph)
         try:
             sess = self._ort.InferenceSession(str(self.artifacts_dir / file), so, providers=providers)
-        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/NotImplemented types
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            if "NOT_IMPLEMENTED" in first:  # intact file, but the provider lacks a kernel (bf16 on CPU)
+                raise ArtifactError(
+                    f"{file}: providers {providers} cannot run this {self.manifest.precision} graph ({first}); "
+                    "use a provider with kernels for that dtype (CUDA) or export another precision"
+                ) from None
             raise ArtifactError(f"{file}: ONNX Runtime cannot load it ({first}); {_FIX}") from None
         self.manifest.signature(graph).check(session_signature(sess), file, spec.description, _FIX)
         return sess
@@ -163,6 +168,8 @@ class OrtExecutor(StepExecutor):
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         self._batch, self._prefilled = 0, False
+        # Drop the old bindings and buffers first so two caches never coexist (GBs for large GPTs).
+        self._prefill_binding = self._decode_bindings = self._kv = self._logits_t = None
         sizes = {"batch": batch}
         pre, dec = self.specs[PREFILL], self.specs[DECODE_STEP]
         kv_specs = dec.inputs[2:]
@@ -230,6 +237,14 @@ class OrtExecutor(StepExecutor):
         self._sessions[DECODE_STEP].run_with_iobinding(self._decode_bindings[self._cur])
         self._cur = (self._cur + 1) % len(self._kv)
         return self._logits_t
+
+    def kv_cache(self) -> list[torch.Tensor]:
+        """The current cache as torch views ``[k0, v0, k1, v1, ...]`` (each ``[B, H, S, hd]``), in the
+        spec's ``past_key_values`` order: what the next :meth:`decode` reads. For debugging and
+        cross-checks (for example feeding another runner); copy them to keep them."""
+        if not self._prefilled:
+            raise RuntimeError(f"{self.name}: the cache is empty until prefill(class_ids) has run")
+        return [torch.from_dlpack(v) for v in self._kv[self._cur]]
 
     # -- pixels ------------------------------------------------------------------------------
 

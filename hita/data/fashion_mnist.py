@@ -19,25 +19,30 @@ _PREFIX = {"train": "train", "test": "t10k"}
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (``.gz`` or raw) into a numpy array of its declared shape and type."""
+def read_idx(path: str | Path, limit: int | None = None) -> np.ndarray:
+    """Read an IDX file (``.gz`` or raw) into a numpy array of its declared shape and type.
+
+    ``limit`` reads only the first ``limit`` records (a prefix of the stream: fast for short runs).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise DataError(f"{path} is not an IDX file (bad magic number); pass the Fashion-MNIST IDX files")
+            ndim = head[3]
+            dims = [int.from_bytes(f.read(4), "big") for _ in range(ndim)]
+            if limit is not None and dims:
+                dims[0] = min(dims[0], limit)
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            count = int(np.prod(dims))
+            raw = f.read(count * dtype.itemsize)
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read IDX file {path} ({e}); the file may be truncated: reinstall it") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number); pass the Fashion-MNIST IDX files")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    offset = 4 + 4 * ndim
-    count = int(np.prod(dims))
-    if len(raw) - offset != count * dtype.itemsize:
-        raise DataError(f"{path}: size does not match its header {dims}; the file is truncated: reinstall it")
-    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
+    if len(raw) != count * dtype.itemsize:
+        raise DataError(f"{path}: shorter than its header {dims} says; the file is truncated: reinstall it")
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def find_idx_files(root: Path, split: str) -> tuple[Path, Path] | None:
@@ -69,12 +74,10 @@ class FashionMNIST:
                 f"no Fashion-MNIST {split} IDX files in {self.root} (expected {_PREFIX[split]}-images-idx3-ubyte"
                 "[.gz] and the labels file); install `dataset-fashion-mnist` or pass the right folder"
             )
-        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        images, labels = read_idx(paths[0], limit), read_idx(paths[1], limit)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{paths[0]} / {paths[1]}: shapes {images.shape} / {labels.shape} do not form a "
                             "data set of grey images and labels; pass the Fashion-MNIST IDX files")
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
         self.images = np.ascontiguousarray(images, dtype=np.uint8)  # (N, 28, 28)
         self.labels = labels.astype(np.int64)
         self.split = split

@@ -53,8 +53,9 @@ def extract_codes(tokenizer: str | os.PathLike, data: str, out: str | os.PathLik
     Images get the deterministic version of the training transform (centre crop for folders, resize
     for Fashion-MNIST); with ``flip`` their mirror image is tokenized too. Returns ``out``.
     """
-    from hita.checkpoint import atomic_write, load_tokenizer
     from safetensors.torch import save_file
+
+    from hita.checkpoint import atomic_write, load_tokenizer
 
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,6 +56,12 @@ def check_common(cfg) -> None:
         raise TrainError(f"--workers must be >= 0 (got {cfg.workers})")
 
 
+def check_world(cfg, info: DistInfo) -> None:
+    if cfg.batch_size % info.world:
+        raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world} processes; pass a "
+                         "multiple of the process count")
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: bf16 where the device supports it ("auto" = bf16 on CUDA when supported),
     None for plain fp32."""
@@ -87,7 +94,9 @@ def warmup_lambda(warmup_steps: int, init_ratio: float):
 
 
 def clip_grad(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    return torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.tensor(0.0)
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.zeros((), device=params[0].device)
 
 
 def set_threads(threads: int | None) -> None:
@@ -112,6 +121,8 @@ def prepare_run(cfg, kind: str, model_cfg, info: DistInfo, extra: Mapping[str, A
     if run.exists() and not run.is_dir():
         raise TrainError(f"run folder {run} is a file; pass a folder path to --run-dir")
     ckpt = latest_checkpoint(run)
+    if ckpt is None and cfg.resume and info.is_main:
+        print(f"--resume: no checkpoint in {run} yet; starting from step 0", file=sys.stderr, flush=True)
     if ckpt is not None and not cfg.resume:
         raise TrainError(f"{run} already holds checkpoints (latest {ckpt.name}); pass --resume to continue "
                          "that run or choose a new --run-dir")

@@ -257,7 +257,7 @@ class DinoDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         feats = self.vit.features(self._prepare(x), self.HOOKS)
         logits = []
-        for f, head in zip(feats, self.heads):
+        for f, head in zip(feats, self.heads, strict=True):
             tokens = (f[:, 1:] + f[:, :1]).transpose(1, 2)  # (B, dim, N): patch tokens + CLS readout
             logits.append(head(tokens).flatten(1))  # (B, N)
         return torch.cat(logits, dim=1)

@@ -6,6 +6,7 @@ The backend is NCCL for CUDA devices and Gloo for CPU.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -52,10 +53,14 @@ def init_distributed(device: str = "cpu") -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+        # One group per process, reused by later runs in the same process (a second init after a destroy
+        # hangs on torchrun's store) and destroyed at exit.
+        atexit.register(shutdown)
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
 def shutdown() -> None:
+    """Destroy the process group (at exit; call it yourself only when no later run needs it)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hita.config import GPTConfig, check_pair
-from hita.data import Augmented, DataError, StepBatchSampler, make_loader, open_dataset
+from hita.data import Augmented, StepBatchSampler, make_loader, open_dataset
 from hita.train import common
 from hita.train.codes import CodesView, load_codes
 from hita.train.common import TrainError
-from hita.train.distributed import DistInfo, init_distributed, shutdown
+from hita.train.distributed import DistInfo, init_distributed
 from hita.train.ema import EMA
 from hita.train.loop import Trainer
 from hita.train.losses import gpt_loss
@@ -135,10 +135,7 @@ def train_gpt(cfg: GPTTrainConfig) -> Path:
     model_cfg = _model_config(cfg)
     common.set_threads(cfg.threads)
     info = init_distributed(cfg.device)
-    try:
-        return _GPTTrainer(cfg, model_cfg, info).run()
-    finally:
-        shutdown()
+    return _GPTTrainer(cfg, model_cfg, info).run()
 
 
 class _GPTTrainer(Trainer):
@@ -146,10 +143,15 @@ class _GPTTrainer(Trainer):
 
     def __init__(self, cfg: GPTTrainConfig, model_cfg: GPTConfig, info: DistInfo):
         dev = info.device
+        common.check_world(cfg, info)
         self.dtype = common.resolve_precision(cfg.precision, dev)
         self.tokenizer = None
         if cfg.codes is not None:
             self.codes = load_codes(cfg.codes)
+            if cfg.limit is not None:
+                c = self.codes
+                self.codes = dataclasses.replace(c, holistic_ids=c.holistic_ids[:cfg.limit],
+                                                 patch_ids=c.patch_ids[:cfg.limit], labels=c.labels[:cfg.limit])
             tok_cfg, n, num_classes = self.codes.tokenizer_config, len(self.codes), self.codes.num_classes
             source = self.codes.describe()
         else:
@@ -183,7 +185,8 @@ class _GPTTrainer(Trainer):
                                      betas=(cfg.beta1, cfg.beta2), fused=dev.type == "cuda")
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, common.warmup_lambda(cfg.warmup_steps, 0.0))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        # Only rank 0 saves, so only it keeps the average (no copy of the weights on the other ranks).
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 and info.is_main else None
         self.fwd: nn.Module = self.model
         if info.enabled:
             self.fwd = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)

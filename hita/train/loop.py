@@ -19,7 +19,14 @@ from hita.train.common import TrainError
 from hita.train.distributed import DistInfo, all_reduce_mean, gather_objects
 from hita.train.ema import EMA
 from hita.train.progress import RunLog
-from hita.train.train_state import TRAIN_STATE, capture_rng, load_train_state, restore_rng, save_train_state, write_checkpoint
+from hita.train.train_state import (
+    TRAIN_STATE,
+    capture_rng,
+    load_train_state,
+    restore_rng,
+    save_train_state,
+    write_checkpoint,
+)
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -64,8 +71,9 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now = time.perf_counter()
                 names = sorted(terms)
-                vals = all_reduce_mean(torch.stack([terms[k].detach().float().cpu() for k in names]), info).tolist()
-                metrics = dict(zip(names, vals))
+                stacked = torch.stack([terms[k].detach().float().to(info.device) for k in names])
+                vals = all_reduce_mean(stacked, info).tolist()  # on the device: NCCL reduces CUDA tensors only
+                metrics = dict(zip(names, vals, strict=True))
                 metrics.update(lr=self.sched.get_last_lr()[0], s_per_step=(now - t_last) / steps_since,
                                images_per_s=steps_since * cfg.batch_size / (now - t_last))
                 self.log.metrics(self.step, metrics)

@@ -101,7 +101,7 @@ class LPIPS(nn.Module):
         fx = self._taps((x - self.shift) / self.scale)
         fy = self._taps((y - self.shift) / self.scale)
         total = 0.0
-        for a, b, lin in zip(fx, fy, self.lins):
+        for a, b, lin in zip(fx, fy, self.lins, strict=True):
             a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # (B, C, h, w) unit over channels
             b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             total = total + lin((a - b).pow(2)).mean(dim=(2, 3))  # (B, 1)

@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hita.config import TokenizerConfig
-from hita.data import Augmented, DataError, StepBatchSampler, make_loader, open_dataset
+from hita.data import Augmented, StepBatchSampler, make_loader, open_dataset
 from hita.train import common
 from hita.train.common import TrainError
 from hita.train.discriminators import DinoDiscriminator, DinoViT, PatchGAN
-from hita.train.distributed import DistInfo, init_distributed, shutdown
+from hita.train.distributed import DistInfo, init_distributed
 from hita.train.ema import EMA
 from hita.train.loop import Trainer
 from hita.train.losses import RECON_LOSSES, hinge_d_loss, reconstruction_loss, softplus_g_loss
@@ -152,10 +152,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     disc_kind = _check(cfg, model_cfg)
     common.set_threads(cfg.threads)
     info = init_distributed(cfg.device)
-    try:
-        return _TokenizerTrainer(cfg, model_cfg, disc_kind, info).run()
-    finally:
-        shutdown()
+    return _TokenizerTrainer(cfg, model_cfg, disc_kind, info).run()
 
 
 class _TokenizerTrainer(Trainer):
@@ -165,8 +162,7 @@ class _TokenizerTrainer(Trainer):
         dev = info.device
         self.dtype = common.resolve_precision(cfg.precision, dev)
         self.data = open_dataset(cfg.data, limit=cfg.limit)
-        if cfg.batch_size % info.world:
-            raise DataError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world} processes")
+        common.check_world(cfg, info)
         resume_from = common.prepare_run(cfg, KIND, model_cfg, info, {"data": self.data.describe()})
         super().__init__(cfg, model_cfg, info)
         warmup = cfg.warmup_steps
@@ -188,7 +184,8 @@ class _TokenizerTrainer(Trainer):
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         init_ratio = min(1.0, cfg.warmup_init_lr / cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, common.warmup_lambda(warmup, init_ratio))
-        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        # Only rank 0 saves, so only it keeps the average (no copy of the weights on the other ranks).
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 and info.is_main else None
         self.fwd: nn.Module = _Reconstruct(self.model)
         if self.disc is not None:
             self.disc.to(dev).train()

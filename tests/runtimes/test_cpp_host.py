@@ -1,0 +1,225 @@
+"""The C++ host (runtimes/cpp): built with CMake against the torch wheel, run on the tiny AOTI export.
+
+It must draw exactly the tokens of the Python loop over the same packages (same seed and options:
+CFG, cfg_interval, temperature, top-k, top-p, row offset), write the decoder's pixels as PNGs, and
+refuse foreign or damaged artifacts with exit code 2 and a one-line message.
+
+The build goes to the session's base temp dir (rebuilt each CI run; about 15-40 s on 2 cores) and the
+AOTI export is shared with tests/export/test_aoti.py. Skipped, with the reason, where cmake or a C++
+compiler is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hita.export.errors import ArtifactError
+from hita.export.manifest import MANIFEST_NAME, Manifest, load_manifest
+from hita.export.testing import tiny_models
+from hita.runtimes.loop import generate_tokens, to_uint8
+from hita.runtimes.sampling import SamplingOptions
+from PIL import Image
+from typer.testing import CliRunner
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("cmake") is None or not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+        reason="needs cmake and a C++ compiler to build runtimes/cpp",
+    ),
+]
+
+
+def tiny_aoti_artifacts(out: Path) -> Path:
+    """Export ``tiny_models(0)`` to ``out`` unless a verified AOTI export is already there (the same
+    folder and models as tests/export/test_aoti.py, so one session exports once)."""
+    from hita.export.aoti import export_aoti
+
+    try:
+        load_manifest(out, expect_engine="aoti")
+        return out
+    except ArtifactError:
+        pass
+    gpt, tok = tiny_models(0)
+    return export_aoti(gpt, tok, out, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "hita-cpp-build"
+
+
+@pytest.fixture(scope="session")
+def host(build_dir, tmp_path_factory):
+    from hita.runtimes.cpp_build import build_host_async
+
+    future = build_host_async(build_dir)  # compiles while the export below runs (if it must)
+    tiny_aoti_artifacts(tmp_path_factory.getbasetemp() / "hita-aoti-tiny")
+    return future.result().binary
+
+
+@pytest.fixture(scope="session")
+def aoti_dir(tmp_path_factory, host):
+    return tiny_aoti_artifacts(tmp_path_factory.getbasetemp() / "hita-aoti-tiny")
+
+
+@pytest.fixture(scope="module")
+def aoti(aoti_dir):
+    from hita.runtimes.aoti import AotiExecutor
+
+    return AotiExecutor(aoti_dir)
+
+
+def _run(host, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(host), *map(str, args)], capture_output=True, text=True, timeout=300, check=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Same tokens as the Python loop
+# ----------------------------------------------------------------------------------------------
+
+OPTIONS = {
+    "greedy": SamplingOptions(temperature=0.0, cfg_scale=1.0),
+    "plain": SamplingOptions(cfg_scale=1.0, seed=4),
+    "cfg-interval-topk-topp": SamplingOptions(cfg_scale=1.5, cfg_interval=6, top_k=40, top_p=0.9, temperature=0.9, seed=7),
+    "strong-cfg-topp-max-seed": SamplingOptions(cfg_scale=3.0, top_p=0.5, temperature=1.3, seed=2**64 - 1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_tokens_equal_python_loop(host, aoti_dir, aoti, name):
+    from hita.runtimes.cpp_build import run_host
+
+    opts, ids = OPTIONS[name], [0, 3, 9]
+    tokens, seconds = run_host(host, aoti_dir, ids, opts, threads=1)
+    want = generate_tokens(aoti, ids, opts).tokens
+    assert tokens.shape == want.shape == (3, aoti.gpt_config.seq_len)
+    mism = (tokens != want).any(dim=0).nonzero().flatten().tolist()
+    assert not mism, f"first differing sequence index {mism[0]}"
+    assert seconds > 0
+
+
+def test_row_offset_keys_the_noise_by_global_image_index(host, aoti_dir, aoti):
+    from hita.runtimes.cpp_build import run_host
+
+    opts = SamplingOptions(seed=9, top_k=100)
+    batch = generate_tokens(aoti, [4, 8], opts).tokens                    # images 0 and 1
+    second = run_host(host, aoti_dir, [8], opts, row_offset=1, threads=1)  # image 1 alone
+    assert torch.equal(second.tokens[0], batch[1])
+
+
+def test_pngs_equal_python_decoder(host, aoti_dir, aoti, tmp_path):
+    from hita.runtimes.cpp_build import run_host
+
+    _, tok = tiny_models(0)
+    opts, ids = SamplingOptions(seed=2), [1, 5]
+    run = run_host(host, aoti_dir, ids, opts, tmp_path / "png", threads=1)
+    assert [p.name for p in run.pngs] == ["0000_class1.png", "0001_class5.png"]
+    assert len(run.step_ms) == aoti.gpt_config.seq_len - 1 and run.prefill_ms > 0 and run.decode_image_ms > 0
+    got = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in run.pngs])  # [n, H, W, 3]
+    nh = aoti.gpt_config.n_holistic
+    hol, patch = run.tokens[:, :nh], run.tokens[:, nh:]
+    with torch.no_grad():
+        eager = to_uint8(tok.decode(hol, patch))                             # [n, H, W, 3]
+    assert torch.equal(got, to_uint8(aoti.decode_image(hol, patch)))         # same package: same pixels
+    diff = (got.int() - eager.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01                    # eager: float noise only
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals: exit code 2, one line on stderr
+# ----------------------------------------------------------------------------------------------
+
+
+def _rewrite_manifest(folder: Path, **changes) -> None:
+    raw = json.loads((folder / MANIFEST_NAME).read_text())
+    raw.pop("manifest_sha256")
+    (folder / MANIFEST_NAME).write_text(dataclasses.replace(Manifest.from_dict(raw), **changes).to_json())
+
+
+@pytest.fixture
+def copy_dir(aoti_dir, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(aoti_dir, dst)
+    return dst
+
+
+def _refused(proc: subprocess.CompletedProcess, pattern: str) -> str:
+    import re
+
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def test_refuses_package_for_another_device(host, copy_dir):
+    _rewrite_manifest(copy_dir, device="cuda")
+    _refused(_run(host, "--artifacts", copy_dir, "--classes", "1", "--no-images"), r"compiled for device 'cuda'")
+
+
+def test_refuses_package_for_another_torch_version(host, copy_dir):
+    versions = dict(load_manifest(copy_dir).versions, torch="2.11.0+cu128")
+    _rewrite_manifest(copy_dir, versions=versions)
+    _refused(_run(host, "--artifacts", copy_dir, "--classes", "1", "--no-images"), r"compiled with torch 2\.11\.0\+cu128")
+
+
+def test_refuses_edited_manifest_and_missing_or_changed_files(host, copy_dir):
+    args = ("--artifacts", copy_dir, "--classes", "1", "--no-images")
+    raw = (copy_dir / MANIFEST_NAME).read_text()
+    (copy_dir / MANIFEST_NAME).write_text(raw.replace('"device": "cpu"', '"device": "cuda"'))
+    _refused(_run(host, *args), r"checksum mismatch")
+    (copy_dir / MANIFEST_NAME).write_text(raw)
+    data = (copy_dir / "decode_step.pt2").read_bytes()
+    (copy_dir / "decode_step.pt2").write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    _refused(_run(host, *args), r"decode_step\.pt2: sha256 mismatch")
+    (copy_dir / "decode_step.pt2").write_bytes(data)
+    (copy_dir / "decoder.pt2").unlink()
+    _refused(_run(host, *args), r"decoder\.pt2: missing")
+    (copy_dir / MANIFEST_NAME).unlink()
+    _refused(_run(host, *args), r"manifest\.json: missing")
+
+
+def test_refuses_bad_input(host, aoti_dir, tmp_path):
+    _refused(_run(host, "--artifacts", aoti_dir, "--classes", "10"), r"class id 10 out of range \[0, 10\)")
+    _refused(_run(host, "--artifacts", aoti_dir, "--classes", "1", "--top-p", "0"), r"top_p must lie in \(0, 1\]")
+    _refused(_run(host, "--artifacts", aoti_dir, "--classes", "1", "--cfg-scale", "0.5"), r"cfg_scale")
+    _refused(_run(host, "--artifacts", tmp_path / "none", "--classes", "1"), r"no such artifacts folder")
+    _refused(_run(host, "--classes", "1"), r"--artifacts")
+
+
+def test_run_host_raises_with_the_hosts_message(host, copy_dir):
+    from hita.runtimes.cpp_build import HostRunError, run_host
+
+    _rewrite_manifest(copy_dir, device="cuda")
+    with pytest.raises(HostRunError, match="compiled for device 'cuda'") as e:
+        run_host(host, copy_dir, [1], SamplingOptions())
+    assert e.value.returncode == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Build command
+# ----------------------------------------------------------------------------------------------
+
+
+def test_build_cpp_cli_reuses_the_build_folder(host, build_dir):
+    from hita.cli.app import app
+
+    result = CliRunner().invoke(app, ["build-cpp", "--out", str(build_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"built {host} (C++17" in result.output
