@@ -31,13 +31,8 @@ The manifest's ``device`` is the device kind the packages were compiled for (``"
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import sys
 import time
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,9 +42,10 @@ from torch import Tensor
 
 from hita.config import check_pair
 
+from .common import Log, check_pos128, decode_positions, first_line, logger, manifest_for, quiet, validation_line
 from .errors import ExportError, ParityError, SignatureError
 from .graphs import DecodeStepGraph, SpecGraph, build_graph
-from .manifest import Manifest, sha256_file, staging_dir, write_artifacts
+from .manifest import staging_dir, write_artifacts
 from .spec import (
     DECODE_STEP,
     DECODER,
@@ -78,8 +74,6 @@ __all__ = [
 
 SUFFIX = ".pt2"
 DEVICE_KINDS = ("cpu", "cuda")
-
-Log = Callable[[str], None]
 
 
 class InplaceDecodeStepGraph(DecodeStepGraph):
@@ -116,31 +110,6 @@ def _graph(name: str, gpt: HitaGPT, tokenizer: HitaTokenizer, pos128: str) -> Sp
     return build_graph(name, gpt, tokenizer, pos128)
 
 
-def _logger(progress: bool | Log) -> Log:
-    if callable(progress):
-        return progress
-    if progress:
-        return lambda msg: print(msg, file=sys.stderr, flush=True)
-    return lambda msg: None
-
-
-@contextlib.contextmanager
-def _quiet(verbose: bool = False):
-    """Silence the exporter/compiler chatter (deprecation warnings, inductor log lines)."""
-    if verbose:
-        yield
-        return
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 # ----------------------------------------------------------------------------------------------
 # Trace and signature
 # ----------------------------------------------------------------------------------------------
@@ -155,8 +124,9 @@ def _trace(graph: SpecGraph, spec: ExportSpec, device: torch.device) -> torch.ex
                 graph, graph.args(feed, spec), dynamic_shapes=graph.dynamic_shapes(spec, batch), strict=False
             )
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ExportError(f"{aoti_file_name(spec)}: torch.export failed: {type(e).__name__}: {first}") from e
+            raise ExportError(
+                f"{aoti_file_name(spec)}: torch.export failed: {type(e).__name__}: {first_line(e)}"
+            ) from e
 
 
 def _traced_signature(ep: torch.export.ExportedProgram, spec: ExportSpec) -> GraphSignature:
@@ -214,9 +184,8 @@ def _compile(ep, path: Path, inductor_configs: Mapping[str, Any] | None) -> None
             ep, package_path=str(path), inductor_configs=dict(inductor_configs or {})
         )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(
-            f"{path.name}: AOTInductor compile failed: {type(e).__name__}: {first}; a C++ compiler "
+            f"{path.name}: AOTInductor compile failed: {type(e).__name__}: {first_line(e)}; a C++ compiler "
             "(g++ or clang++) must be on PATH"
         ) from e
 
@@ -243,12 +212,6 @@ def _max_diff(spec: ExportSpec, name: str, got: Tensor, ref: Tensor, where: str)
             "compiled package is wrong (report it with the torch version)"
         )
     return worst
-
-
-def _decode_positions(gpt_cfg) -> list[int]:
-    """Positions around each branch of the decode graph: slot rows, the Nh quirk, RoPE rows."""
-    nh, last = gpt_cfg.n_holistic, gpt_cfg.seq_len - 1
-    return sorted({1, nh - 1, nh, nh + 1, last})
 
 
 def _validate(path: Path, graph: SpecGraph, spec: ExportSpec, gpt: HitaGPT, device: torch.device,
@@ -280,7 +243,7 @@ def _validate(path: Path, graph: SpecGraph, spec: ExportSpec, gpt: HitaGPT, devi
         eager = DecodeStepGraph(gpt, pos128).eval()
         names = spec.output_names
         present_names = [n.replace("past_key_values", "present") for n in spec.input_names[2:]]
-        positions = _decode_positions(gpt.cfg)
+        positions = decode_positions(gpt.cfg)
         worst = 0.0
         for p in positions:
             feed["position"] = torch.tensor([p], dtype=torch.int64, device=device)
@@ -381,14 +344,11 @@ def export_aoti(
         ExportError: torch.export or the AOTInductor compile failed.
         ValueError: bad arguments (pos128, dtype, device, models that do not fit together).
     """
-    from hita.models.gpt import POS128_MODES
-
-    if pos128 not in POS128_MODES:
-        raise ValueError(f"pos128 must be one of {POS128_MODES}, got {pos128!r} (see spec section 8.1)")
+    check_pos128(pos128)
     dev = _device(device)
     dt = dtype_name(dtype)
     check_pair(tokenizer.cfg, gpt.cfg)
-    log = _logger(progress)
+    log = logger(progress)
     gpt = gpt.to(device=dev, dtype=DTYPES[dt]).eval()
     tokenizer = tokenizer.to(dev, torch.float32).eval()
     specs = {n: aoti_spec(s) for n, s in graph_specs(tokenizer.cfg, gpt.cfg, dtype=dt, max_batch=max_batch).items()}
@@ -402,7 +362,7 @@ def export_aoti(
             graph = _graph(name, gpt, tokenizer, pos128)
             path = work / spec.file_name
             t0 = time.perf_counter()
-            with _quiet():
+            with quiet():
                 ep = _trace(graph, spec, dev)
             spec.signature.check(
                 _traced_signature(ep, spec), spec.file_name, spec.description,
@@ -415,38 +375,28 @@ def export_aoti(
                     f"{spec.file_name}: the traced graph writes to inputs {mutates}, expected {expected or 'none'}; "
                     "the in-place cache contract is broken; report it"
                 )
-            with _quiet():
+            with quiet():
                 _compile(ep, path, inductor_configs)
             seconds = time.perf_counter() - t0
             entry: dict[str, Any] = {"compile_seconds": round(seconds, 2), "bytes": path.stat().st_size}
             line = f"[{i}/3] {spec.file_name}: compiled in {seconds:.1f} s ({path.stat().st_size / 2**20:.1f} MiB)"
             if validate:
                 t1 = time.perf_counter()
-                with _quiet():
+                with quiet():
                     entry.update(_validate(path, graph, spec, gpt, dev, pos128))
                 entry["validate_seconds"] = round(time.perf_counter() - t1, 2)
-                line += (
-                    f"; matches eager at batch {entry['batch']}: "
-                    f"max |diff| {entry['max_abs_diff']:.2e} (tol {spec.atol:g})"
-                )
-                if "psnr_db" in entry:
-                    line += f", PSNR {entry['psnr_db']:.1f} dB"
+                line += validation_line(entry, spec)
             log(line)
             report[name] = entry
             graphs[name] = {"file": spec.file_name, **spec.signature.to_dict(), "mutates": mutates}
             files[spec.file_name] = path
-        manifest = Manifest(
-            engine="aoti",
-            tokenizer_preset=tokenizer.cfg.name,
-            tokenizer_config=tokenizer.cfg.to_dict(),
-            gpt_preset=gpt.cfg.name,
-            gpt_config=gpt.cfg.to_dict(),
+        manifest = manifest_for(
+            "aoti", gpt, tokenizer, checkpoints,
             pos128=pos128,
             precision=dt,
             device=dev.type,
             versions=_versions(),
             graphs=graphs,
-            checkpoints={k: (sha256_file(p) if p else None) for k, p in (checkpoints or {}).items()},
             options={
                 "kv_cache": "inplace",
                 "validated": validate,

@@ -28,24 +28,20 @@ for one message); larger models (GPT-XL and up in fp32) get ONNX external data, 
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import sys
 import time
-import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 
 from hita.config import check_pair
 
+from .common import Log, check_pos128, decode_positions, first_line, logger, manifest_for, quiet, validation_line
 from .errors import ExportError, ParityError, SignatureError
 from .graphs import SpecGraph, build_graph
-from .manifest import Manifest, sha256_file, staging_dir, write_artifacts
+from .manifest import staging_dir, write_artifacts
 from .spec import (
     DECODE_STEP,
     DECODER,
@@ -78,16 +74,6 @@ ONNX_DTYPES: dict[int, str] = {1: "float32", 10: "float16", 16: "bfloat16", 7: "
 
 # Protobuf refuses messages of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
-
-Log = Callable[[str], None]
-
-
-def _logger(progress: bool | Log) -> Log:
-    if callable(progress):
-        return progress
-    if progress:
-        return lambda msg: print(msg, file=sys.stderr, flush=True)
-    return lambda msg: None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +110,7 @@ def _export_graph(graph: SpecGraph, spec: ExportSpec, path: Path, *, external_da
     args = graph.args(feed, spec)
     # No upper bound: ONNX Runtime has none; the TensorRT profile range lives in the spec.
     dims = {d.name: torch.export.Dim(d.name, min=1) for d in spec.dims}
-    with _quiet(verbose) as captured, torch.no_grad():
+    with quiet(verbose, "torch.onnx") as captured, torch.no_grad():
         try:
             torch.onnx.export(
                 graph, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
@@ -132,30 +118,10 @@ def _export_graph(graph: SpecGraph, spec: ExportSpec, path: Path, *, external_da
                 dynamo=True, external_data=external_data,
             )
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ExportError(
-                f"{spec.file_name}: torch.onnx.export(dynamo=True) failed: {type(e).__name__}: {first}\n"
+                f"{spec.file_name}: torch.onnx.export(dynamo=True) failed: {type(e).__name__}: {first_line(e)}\n"
                 + captured.getvalue()[-4000:]
             ) from e
-
-
-@contextlib.contextmanager
-def _quiet(verbose: bool):
-    """Silence the exporter's stdout chatter, warnings and log lines unless ``verbose``; yields
-    the captured stdout so a failure can show it."""
-    buf = io.StringIO()
-    if verbose:
-        yield buf
-        return
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
-            warnings.simplefilter("ignore")
-            yield buf
-    finally:
-        logger.setLevel(level)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -204,12 +170,6 @@ def _run_and_compare(
     return worst, outs
 
 
-def _decode_positions(gpt_cfg) -> list[int]:
-    """Positions around each branch of the decode graph: slot rows, the Nh quirk, RoPE rows."""
-    nh, last = gpt_cfg.n_holistic, gpt_cfg.seq_len - 1
-    return sorted({1, nh - 1, nh, nh + 1, last})
-
-
 def _check_inplace_kv(sess, spec: ExportSpec, feed: dict[str, torch.Tensor], positions: list[int]) -> bool:
     """True when binding one OrtValue as both ``past_key_values.i`` and ``present.i`` gives the
     same logits and caches, bit for bit, as separate buffers, over consecutive steps.
@@ -254,7 +214,7 @@ def validate_graph(path: str | Path, graph: SpecGraph, spec: ExportSpec, gpt_cfg
     """Run an exported graph in ONNX Runtime (CPU) against its eager wrapper at the spec's check sizes.
 
     Inputs are seeded random (ids in range, caches standard normal); the prefill batch ends with
-    the CFG null class; the decode step runs at every position of :func:`_decode_positions` and
+    the CFG null class; the decode step runs at every position of :func:`~hita.export.common.decode_positions` and
     then checks in-place KV binding.
 
     Args:
@@ -294,7 +254,7 @@ def validate_graph(path: str | Path, graph: SpecGraph, spec: ExportSpec, gpt_cfg
             mse = float(((torch.from_numpy(outs[0]).double() - ref) ** 2).mean())
             report["psnr_db"] = float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
         return report
-    positions = _decode_positions(gpt_cfg)
+    positions = decode_positions(gpt_cfg)
     worst = 0.0
     for p in positions:
         feed["position"] = torch.tensor([p], dtype=torch.int64, device=feed["position"].device)
@@ -368,15 +328,12 @@ def export_onnx(
         ValueError: bad arguments (unknown pos128 or dtype, opset out of range, models that do
             not fit together).
     """
-    from hita.models.gpt import POS128_MODES
-
-    if pos128 not in POS128_MODES:
-        raise ValueError(f"pos128 must be one of {POS128_MODES}, got {pos128!r} (see spec section 8.1)")
+    check_pos128(pos128)
     if not 18 <= opset <= 23:
         raise ValueError(f"opset must be in 18..23 (the dynamo exporter emits an invalid model at 17), got {opset}")
     dt = dtype_name(dtype)
     check_pair(tokenizer.cfg, gpt.cfg)
-    log = _logger(progress)
+    log = logger(progress)
     gpt = gpt.to(dtype=DTYPES[dt]).eval()
     tokenizer = tokenizer.float().eval()
     specs = graph_specs(tokenizer.cfg, gpt.cfg, dtype=dt, opset=opset, max_batch=max_batch)
@@ -405,28 +362,18 @@ def export_onnx(
                 t1 = time.perf_counter()
                 entry.update(validate_graph(path, graph, spec, gpt.cfg))
                 entry["validate_seconds"] = round(time.perf_counter() - t1, 2)
-                line += (
-                    f"; matches eager at batch {entry['batch']}: "
-                    f"max |diff| {entry['max_abs_diff']:.2e} (tol {spec.atol:g})"
-                )
-                if "psnr_db" in entry:
-                    line += f", PSNR {entry['psnr_db']:.1f} dB"
+                line += validation_line(entry, spec)
             log(line)
             report[name] = entry
             graphs[name] = {"file": spec.file_name, "opset": opset, **spec.signature.to_dict()}
         files = {f.name: f for name in GRAPH_NAMES for f in sorted((work / name).iterdir())}
-        manifest = Manifest(
-            engine="onnx",
-            tokenizer_preset=tokenizer.cfg.name,
-            tokenizer_config=tokenizer.cfg.to_dict(),
-            gpt_preset=gpt.cfg.name,
-            gpt_config=gpt.cfg.to_dict(),
+        manifest = manifest_for(
+            "onnx", gpt, tokenizer, checkpoints,
             pos128=pos128,
             precision=dt,
             device="cpu",
             versions=_versions(opset),
             graphs=graphs,
-            checkpoints={k: (sha256_file(p) if p else None) for k, p in (checkpoints or {}).items()},
             options={
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "external_data": any(f.endswith(".data") for f in files),

@@ -19,6 +19,7 @@ is dynamic; classifier-free guidance doubles it (n conditional + n null-class ro
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -413,6 +414,34 @@ def _kv_specs(gpt_cfg: GPTConfig, prefix: str, dtype: str) -> tuple[TensorSpec, 
     return tuple(TensorSpec(n, dtype, shape) for n in kv_names(prefix, gpt_cfg.n_layer))
 
 
+def _gpt_spec(
+    name: str,
+    gpt_cfg: GPTConfig,
+    dtype: str | torch.dtype,
+    inputs: Callable[[str], tuple[TensorSpec, ...]],
+    *,
+    opset: int,
+    max_batch: int,
+    opt_batch: int | None,
+    description: str,
+) -> ExportSpec:
+    """A GPT graph's spec: ``inputs(dtype name)`` -> ``logits [batch, vocab]`` and the
+    ``present.*`` cache, at the hidden dtype's tolerance."""
+    dt = dtype_name(dtype)
+    atol, rtol = _tolerance(dt)
+    return ExportSpec(
+        name=name,
+        file_name=f"{name}.onnx",
+        inputs=inputs(dt),
+        outputs=(TensorSpec("logits", dt, ("batch", gpt_cfg.vocab_size)),) + _kv_specs(gpt_cfg, "present", dt),
+        dims=(_batch(max_batch, opt_batch),),
+        opset=opset,
+        atol=atol,
+        rtol=rtol,
+        description=description,
+    )
+
+
 def prefill_spec(
     gpt_cfg: GPTConfig,
     *,
@@ -433,19 +462,11 @@ def prefill_spec(
         max_batch: largest batch in the TensorRT profile, CFG rows included (16 = 8 images + CFG).
         opt_batch: TensorRT opt size; default ``max_batch``.
     """
-    dt = dtype_name(dtype)
-    atol, rtol = _tolerance(dt)
-    return ExportSpec(
-        name=PREFILL,
-        file_name=f"{PREFILL}.onnx",
+    return _gpt_spec(
+        PREFILL, gpt_cfg, dtype,
         # class ids include the CFG null class (= num_classes).
-        inputs=(TensorSpec("class_ids", "int64", ("batch",), 0, gpt_cfg.num_classes + 1),),
-        outputs=(TensorSpec("logits", dt, ("batch", gpt_cfg.vocab_size)),) + _kv_specs(gpt_cfg, "present", dt),
-        dims=(_batch(max_batch, opt_batch),),
-        opset=opset,
-        atol=atol,
-        rtol=rtol,
-        description="hita prefill graph",
+        lambda dt: (TensorSpec("class_ids", "int64", ("batch",), 0, gpt_cfg.num_classes + 1),),
+        opset=opset, max_batch=max_batch, opt_batch=opt_batch, description="hita prefill graph",
     )
 
 
@@ -465,22 +486,14 @@ def decode_spec(
 
     Args: as :func:`prefill_spec`.
     """
-    dt = dtype_name(dtype)
-    atol, rtol = _tolerance(dt)
-    return ExportSpec(
-        name=DECODE_STEP,
-        file_name=f"{DECODE_STEP}.onnx",
-        inputs=(
+    return _gpt_spec(
+        DECODE_STEP, gpt_cfg, dtype,
+        lambda dt: (
             TensorSpec("token", "int64", ("batch",), 0, gpt_cfg.vocab_size),
             TensorSpec("position", "int64", (1,), 1, gpt_cfg.seq_len),
         )
         + _kv_specs(gpt_cfg, "past_key_values", dt),
-        outputs=(TensorSpec("logits", dt, ("batch", gpt_cfg.vocab_size)),) + _kv_specs(gpt_cfg, "present", dt),
-        dims=(_batch(max_batch, opt_batch),),
-        opset=opset,
-        atol=atol,
-        rtol=rtol,
-        description="hita decode-step graph",
+        opset=opset, max_batch=max_batch, opt_batch=opt_batch, description="hita decode-step graph",
     )
 
 

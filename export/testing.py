@@ -4,9 +4,10 @@ Freshly initialised GPTs have an all-zero output head (spec 4.5), so every logit
 parity check would pass trivially. :func:`tiny_models` draws the head at random so the logits spread
 over several units (sampling and greedy decoding then depend on every layer).
 
-:func:`tiny_onnx_artifacts` exports those models once into a folder and reuses the folder while its
-manifest verifies, so several test files in one pytest session share one export (the dynamo
-exporter needs tens of seconds even for the tiny presets).
+:func:`tiny_onnx_artifacts` and :func:`tiny_aoti_artifacts` export those models once into a folder
+and reuse the folder while its manifest verifies, so several test files in one pytest session share
+one export (the dynamo exporter needs tens of seconds even for the tiny presets, the AOTInductor
+compile a minute or two).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from hita.config import GPTConfig, TokenizerConfig
 from .errors import ArtifactError
 from .manifest import load_manifest
 
-__all__ = ["tiny_models", "tiny_onnx_artifacts"]
+__all__ = ["tiny_aoti_artifacts", "tiny_models", "tiny_onnx_artifacts"]
 
 
 def tiny_models(seed: int = 0, head_std: float = 0.2):
@@ -43,6 +44,20 @@ def tiny_models(seed: int = 0, head_std: float = 0.2):
     return gpt.eval(), tok.eval()
 
 
+def _tiny_artifacts(out_dir: str | Path, engine: str, export, seed: int, export_kwargs: dict) -> Path:
+    """``export(*tiny_models(seed), out_dir, **export_kwargs)`` unless ``out_dir`` already holds a
+    verified ``engine`` export (``progress`` defaults off)."""
+    out = Path(out_dir)
+    try:
+        load_manifest(out, expect_engine=engine)
+        return out
+    except ArtifactError:
+        pass
+    gpt, tok = tiny_models(seed)
+    export_kwargs.setdefault("progress", False)
+    return export(gpt, tok, out, **export_kwargs)
+
+
 def tiny_onnx_artifacts(out_dir: str | Path, seed: int = 0, **export_kwargs) -> Path:
     """Export :func:`tiny_models` ``(seed)`` to ``out_dir`` unless a verified export is already there.
 
@@ -55,12 +70,12 @@ def tiny_onnx_artifacts(out_dir: str | Path, seed: int = 0, **export_kwargs) -> 
     """
     from .onnx import export_onnx
 
-    out = Path(out_dir)
-    try:
-        load_manifest(out, expect_engine="onnx")
-        return out
-    except ArtifactError:
-        pass
-    gpt, tok = tiny_models(seed)
-    export_kwargs.setdefault("progress", False)
-    return export_onnx(gpt, tok, out, **export_kwargs)
+    return _tiny_artifacts(out_dir, "onnx", export_onnx, seed, export_kwargs)
+
+
+def tiny_aoti_artifacts(out_dir: str | Path, seed: int = 0, **export_kwargs) -> Path:
+    """:func:`tiny_onnx_artifacts` for AOTInductor packages: ``export_kwargs`` go to
+    :func:`hita.export.aoti.export_aoti`."""
+    from .aoti import export_aoti
+
+    return _tiny_artifacts(out_dir, "aoti", export_aoti, seed, export_kwargs)

@@ -18,15 +18,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hita.export.common import Log, logger
 
 from .sampling import SamplingOptions
 
@@ -45,8 +45,6 @@ __all__ = [
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpp"
 BINARY_NAME = "hita-host"
-
-Log = Callable[[str], None]
 
 
 class CppBuildError(RuntimeError):
@@ -115,14 +113,6 @@ def torch_cmake_prefix() -> str:
     return torch.utils.cmake_prefix_path
 
 
-def _logger(progress: bool | Log) -> Log:
-    if callable(progress):
-        return progress
-    if progress:
-        return lambda msg: print(msg, file=sys.stderr, flush=True)
-    return lambda msg: None
-
-
 def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -165,7 +155,7 @@ def build_host(
     """
     if cxx_standard not in (17, 20):
         raise ValueError(f"cxx_standard must be 17 or 20, got {cxx_standard}")
-    log = _logger(progress)
+    log = logger(progress)
     cmake = shutil.which("cmake")
     if cmake is None:
         raise CppBuildError("cmake not found on PATH; install it (apt-get install cmake, or pip install cmake)")

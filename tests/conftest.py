@@ -1,6 +1,9 @@
 """Shared test fixtures. Tests run on CPU with tiny presets; GPU tests skip with a reason."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +22,28 @@ def _one_thread():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory):
+    """The tiny ONNX export, once per session (shared by tests/export and tests/runtimes)."""
+    from hita.export.testing import tiny_onnx_artifacts
+
+    return tiny_onnx_artifacts(tmp_path_factory.getbasetemp() / "hita-onnx-tiny")
+
+
+@pytest.fixture(scope="session")
+def aoti_dir(tmp_path_factory, request):
+    """The tiny AOTI export, once per session (tests/export/test_aoti.py, tests/runtimes/test_cpp_host.py)."""
+    from hita.export.testing import tiny_aoti_artifacts
+
+    base = tmp_path_factory.getbasetemp()
+    if shutil.which("cmake") and any(Path(str(i.fspath)).name == "test_cpp_host.py" for i in request.session.items):
+        # The C++ host tests need a build too: start it now so it compiles while this exports.
+        from hita.runtimes.cpp_build import build_host_async
+
+        build_host_async(base / "hita-cpp-build")
+    return tiny_aoti_artifacts(base / "hita-aoti-tiny")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -32,39 +32,6 @@ ATOL = 1e-4  # fp32 logits tolerance per step (hita.export.spec.TOLERANCES)
 MIN_PSNR_DB = 60.0  # decoder pixels in [-1, 1]; measured ~127 dB (max |diff| ~5e-6)
 
 
-def tiny_aoti_artifacts(out: Path) -> Path:
-    """Export ``tiny_models(0)`` to ``out`` unless a verified AOTI export is already there."""
-    from hita.export.aoti import export_aoti
-
-    try:
-        load_manifest(out, expect_engine="aoti")
-        return out
-    except ArtifactError:
-        pass
-    gpt, tok = tiny_models(0)
-    return export_aoti(gpt, tok, out, progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny kernels gain nothing from threads; on a loaded 2-core machine OpenMP barriers cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def aoti_dir(tmp_path_factory, request):
-    base = tmp_path_factory.getbasetemp()
-    if shutil.which("cmake") and any(Path(str(i.fspath)).name == "test_cpp_host.py" for i in request.session.items):
-        # The C++ host tests need a build too: start it now so it compiles while this exports.
-        from hita.runtimes.cpp_build import build_host_async
-
-        build_host_async(base / "hita-cpp-build")
-    return tiny_aoti_artifacts(base / "hita-aoti-tiny")
-
-
 @pytest.fixture(scope="module")
 def eager():
     gpt, tok = tiny_models(0)

@@ -18,14 +18,9 @@ from hita.export.graphs import build_graph
 from hita.export.manifest import load_manifest
 from hita.export.onnx import export_onnx, onnx_signature, validate_graph
 from hita.export.spec import DECODE_STEP, DECODER, GRAPH_NAMES, PREFILL, graph_specs
-from hita.export.testing import tiny_models, tiny_onnx_artifacts
+from hita.export.testing import tiny_models
 
 ATOL = 1e-4  # fp32 tolerance (see hita.export.spec.TOLERANCES for why)
-
-
-@pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory):
-    return tiny_onnx_artifacts(tmp_path_factory.getbasetemp() / "hita-onnx-tiny")
 
 
 @pytest.fixture(scope="module")

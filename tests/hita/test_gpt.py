@@ -76,16 +76,6 @@ def cached_logits(model: HitaGPT, cls, hol, patch, pos128: str, inplace: bool):
     return logits[:, : model.cfg.n_holistic], logits[:, model.cfg.n_holistic :]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The step-by-step decode runs thousands of tiny ops; on a shared 2-core machine two intra-op
-    threads contend and run ~10x slower than one. Restored afterwards (not a global setting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_full_layout():
     """Tiny width, released layout (128 holistic + 21x21 patch), random weights, eval, fp32."""

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hita.export.errors import ArtifactError
 from hita.export.manifest import MANIFEST_NAME, Manifest, load_manifest
 from hita.export.testing import tiny_models
 from hita.runtimes.loop import generate_tokens, to_uint8
@@ -36,45 +35,17 @@ pytestmark = [
 ]
 
 
-def tiny_aoti_artifacts(out: Path) -> Path:
-    """Export ``tiny_models(0)`` to ``out`` unless a verified AOTI export is already there (the same
-    folder and models as tests/export/test_aoti.py, so one session exports once)."""
-    from hita.export.aoti import export_aoti
-
-    try:
-        load_manifest(out, expect_engine="aoti")
-        return out
-    except ArtifactError:
-        pass
-    gpt, tok = tiny_models(0)
-    return export_aoti(gpt, tok, out, progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory):
     return tmp_path_factory.getbasetemp() / "hita-cpp-build"
 
 
 @pytest.fixture(scope="session")
-def host(build_dir, tmp_path_factory):
+def host(build_dir, aoti_dir):
     from hita.runtimes.cpp_build import build_host_async
 
-    future = build_host_async(build_dir)  # compiles while the export below runs (if it must)
-    tiny_aoti_artifacts(tmp_path_factory.getbasetemp() / "hita-aoti-tiny")
-    return future.result().binary
-
-
-@pytest.fixture(scope="session")
-def aoti_dir(tmp_path_factory, host):
-    return tiny_aoti_artifacts(tmp_path_factory.getbasetemp() / "hita-aoti-tiny")
+    # ``aoti_dir`` (tests/conftest.py) started this build before exporting, so it compiled meanwhile.
+    return build_host_async(build_dir).result().binary
 
 
 @pytest.fixture(scope="module")

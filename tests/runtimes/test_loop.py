@@ -25,16 +25,6 @@ def _tiny_gpt():
     return gpt.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from intra-op threads, and on a loaded shared machine OpenMP
-    barriers make them ~40x slower; use one thread here and restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def gpt():
     return _tiny_gpt()

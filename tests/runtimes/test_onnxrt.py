@@ -17,7 +17,7 @@ import torch
 
 from hita.export.errors import ArtifactError, SignatureError
 from hita.export.manifest import MANIFEST_NAME, Manifest, load_manifest, write_artifacts
-from hita.export.testing import tiny_models, tiny_onnx_artifacts
+from hita.export.testing import tiny_models
 from hita.runtimes.loop import generate_tokens, teacher_forced
 from hita.runtimes.onnxrt import OrtExecutor
 from hita.runtimes.sampling import SamplingOptions
@@ -25,11 +25,6 @@ from hita.runtimes.torch_eager import TorchExecutor
 
 ATOL = 1e-4  # fp32 (see hita.export.spec.TOLERANCES)
 CLASS_IDS = [0, 3, 9]
-
-
-@pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory):
-    return tiny_onnx_artifacts(tmp_path_factory.getbasetemp() / "hita-onnx-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,9 @@ import pytest
 import torch
 
 from hita.export.spec import kv_names
-from hita.export.testing import tiny_onnx_artifacts
 from hita.runtimes.onnxrt import OrtExecutor
 
 pytest.importorskip("polygraphy")
-
-
-@pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory):
-    return tiny_onnx_artifacts(tmp_path_factory.getbasetemp() / "hita-onnx-tiny")
 
 
 def _polygraphy() -> str:
