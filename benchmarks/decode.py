@@ -3,20 +3,25 @@ against the roofline floor of the machine it runs on.
 
 What one run does (``python benchmarks/decode.py --help`` for the options):
 
-1. Measures the machine: read bandwidth (the best of a large ``tensor.sum`` and a large GEMV, median
-   of several repetitions) and the fp32 matmul rate (``torch.mm`` on the preset's layer shapes with
-   512 rows, median GFLOP/s of the best shape). Both with the benchmark's thread count.
-2. Builds one random-weight GPT (seeded; the zero-initialised output head is re-drawn so the logits
+1. Builds one random-weight GPT (seeded; the zero-initialised output head is re-drawn so the logits
    are not all zero) and, for every requested runtime, an executor over it: eager PyTorch directly,
    ONNX Runtime / AOTInductor through a fresh export (cached in ``--workdir`` by a hash of the
-   configs, seed and tool versions). A runtime that is missing, fails to export or fails to load
+   configs, seed and tool versions), the C++ host ``hita-host`` (built with CMake) over the AOTI
+   packages. A runtime that is missing, fails to export, build or load, or fails while running
    becomes a table row that says why; nothing is estimated in its place.
+2. Measures the machine right before timing: read bandwidth (the better of a large ``tensor.sum``
+   and a large GEMV, each the median of several repetitions) and the fp32 matmul rate
+   (``torch.mm`` on the preset's layer shapes with 512 rows, median GFLOP/s of the best shape),
+   both with the benchmark's thread count.
 3. For every batch (``8`` means 8 images with CFG: 16 rows), starts every executor, times the prefill,
    then feeds all executors the same tokens at ``--steps`` positions spread over the sequence
    (holistic and patch positions, so both heads). Runtimes take turns in rounds so that load from
    other processes hits all of them alike; the first step of each turn is not timed (it absorbs the
    wake-up of the previous runtime's thread pool). Because every executor sees the same calls, their
-   logits must agree: the largest difference to eager is reported as a sanity check.
+   logits must agree: the largest difference to eager is reported as a sanity check. The C++ host
+   runs as its own process over one whole generation and reports its own per-step times, which are
+   read at the same positions. The CPU share used by *other* processes meanwhile is recorded
+   (``/proc/stat``), as the noise indicator of a shared machine.
 4. Computes, per timed position, the roofline floor ``max(bytes / bandwidth, flops / matmul rate)``
    where ``bytes`` are all weights one decode step reads (every layer, the full 2V head that the
    decode graph computes, the gathered embedding rows) plus the KV cache up to that position, and
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -44,10 +50,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -138,7 +145,7 @@ def measure_matmul_rate(cfg: GPTConfig, rows: int = 512, reps: int = 5) -> dict[
     for name, (k, n) in shapes.items():
         a, b = torch.randn(rows, k), torch.randn(k, n)
         torch.mm(a, b)
-        t = _median_seconds(lambda: torch.mm(a, b), reps)
+        t = _median_seconds(functools.partial(torch.mm, a, b), reps)
         rates[name] = 2 * rows * k * n / t / 1e9
     return {"gflops": max(rates.values()), "per_shape_gflops": rates, "rows": rows}
 
@@ -600,7 +607,7 @@ def time_batch(
         out[name].decode_image_ms = 1e3 * _median_seconds(lambda: ex.decode_image(h_ids, p_ids), 3)
 
     for name in list(live):
-        guarded(name, "start/prefill/warm-up", lambda: setup(name))
+        guarded(name, "start/prefill/warm-up", functools.partial(setup, name))
     # Rounds: each runtime in turn takes a slice of the positions; the order rotates per round.
     for r in range(rounds):
         chunk = list(positions[r::rounds])
@@ -608,11 +615,11 @@ def time_batch(
             continue
         order = live[r % len(live):] + live[: r % len(live)]
         for name in order:
-            guarded(name, "decode", lambda: turn(name, chunk))
+            guarded(name, "decode", functools.partial(turn, name, chunk))
         log(f"batch {images}{'+CFG' if cfg_rows else ''}: round {r + 1}/{rounds} done")
     if decode_images:
         for name in list(live):
-            guarded(name, "decode_image", lambda: images_time(name))
+            guarded(name, "decode_image", functools.partial(images_time, name))
     for name in live:
         row, ts = out[name], sorted(times[name].values())
         row.step_ms = 1e3 * statistics.median(ts)
@@ -747,22 +754,24 @@ def run_benchmark(
         rows: list[Row] = []
         for images, use_cfg in batch_specs:
             n_rows = 2 * images if use_cfg else images
-            load = OtherLoad()
             steppers = {n: e for n, e in executors.items() if not isinstance(e, HostProcess)}
+            load = OtherLoad()
             measured = time_batch(
                 steppers, gpt_cfg, images, use_cfg, positions, warmup, rounds, seed,
                 decode_images=tok_timed, log=log,
             ) if steppers else {}
+            other = load.share()
+            for row in measured.values():
+                row.other_load = other
             for name, host in executors.items():
                 if isinstance(host, HostProcess):
                     log(f"{name}: one whole generation at batch {images}{'+CFG' if use_cfg else ''} ...")
+                    load = OtherLoad()
                     try:
                         measured[name] = host.measure(gpt_cfg, images, use_cfg, positions, seed)
                     except Exception as e:  # noqa: BLE001
                         measured[name] = Row(name, images, n_rows, use_cfg, error=f"failed: {_first_line(e)}")
-            other = load.share()
-            for row in measured.values():
-                row.other_load = other
+                    measured[name].other_load = load.share()
             floors = [step_cost(gpt_cfg, n_rows, p).floor_s(machine.bandwidth["read_gbs"], machine.matmul["gflops"])
                       for p in positions]
             floor_ms = 1e3 * statistics.fmean(floors)
@@ -821,17 +830,25 @@ def format_table(result: BenchResult) -> str:
     m = result.machine
     lines += [
         "",
-        f"GPT {result.preset} (random weights, fp32), seq_len {result.seq_len}; {len(result.positions)} timed steps per "
-        f"row at positions {result.positions[0]}..{result.positions[-1]}; median ms/step.",
+        (
+            f"GPT {result.preset} (random weights, fp32), seq_len {result.seq_len}; {len(result.positions)} timed "
+            f"steps per row at positions {result.positions[0]}..{result.positions[-1]}; median ms/step."
+        ),
         f"Machine: {m.line()}.",
         "images/s = images / ((seq_len - 1) x step + prefill"
         + (" + tokenizer decode)." if result.tokenizer_timed else "); tokenizer decoder not included (GPT only)."),
     ]
-    loads = {f"{r.images}{'+CFG' if r.cfg else ''}": r.other_load for r in result.rows if r.other_load is not None}
+    loads: dict[str, list[str]] = {}
+    for r in result.rows:
+        if r.other_load is not None:
+            part = f"{100 * r.other_load:.0f}%" + (f" ({r.runtime} run)" if r.note else "")
+            batch = loads.setdefault(f"{r.images}{'+CFG' if r.cfg else ''}", [])
+            if part not in batch:
+                batch.append(part)
     if loads:
         lines.append(
             "CPU used by other processes while timing (share of all cores; noise indicator): "
-            + ", ".join(f"batch {b}: {100 * v:.0f}%" for b, v in loads.items()) + "."
+            + ", ".join(f"batch {b}: {', '.join(v)}" for b, v in loads.items()) + "."
         )
     notes = dict.fromkeys(f"{r.runtime}: {r.note}" for r in result.rows if r.note)
     if notes:
