@@ -6,7 +6,6 @@ line (and any report lines after it) to stderr and exits non-zero, without a tra
 from __future__ import annotations
 
 import functools
-import sys
 from enum import Enum
 from typing import Callable, TypeVar
 

@@ -285,7 +285,6 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
 def save_model(model: nn.Module, cfg, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Save ``model`` in the project's format: safetensors + kind + config JSON in the metadata."""
-    from safetensors.torch import save_file
 
     kind = "tokenizer" if isinstance(cfg, TokenizerConfig) else "gpt"
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
