@@ -42,7 +42,7 @@ from torch import Tensor
 
 from hita.config import check_pair
 
-from .common import Log, check_pos128, decode_positions, first_line, logger, manifest_for, quiet, validation_line
+from .common import Log, check_pos128, decode_positions, first_line, logger, manifest_for, psnr, quiet, validation_line
 from .errors import ExportError, ParityError, SignatureError
 from .graphs import DecodeStepGraph, SpecGraph, build_graph
 from .manifest import staging_dir, write_artifacts
@@ -227,8 +227,7 @@ def _validate(path: Path, graph: SpecGraph, spec: ExportSpec, gpt: HitaGPT, devi
             ref = graph(*graph.args(feed, spec))
             got = model(*graph.args(feed, spec))
             report["max_abs_diff"] = _max_diff(spec, "image", got, ref, f" at batch {b}")
-            mse = float(((got.double().cpu() - ref.double().cpu()) ** 2).mean())
-            report["psnr_db"] = float("inf") if mse == 0 else round(10 * float(torch.log10(torch.tensor(4.0 / mse))), 2)
+            report["psnr_db"] = round(psnr(got, ref), 2)
             return report
         if spec.name == PREFILL:
             feed["class_ids"][-1] = gpt.cfg.null_class  # the CFG null row must work too

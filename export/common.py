@@ -62,6 +62,15 @@ def quiet(verbose: bool = False, logger_name: str = "torch"):
         log.setLevel(level)
 
 
+def psnr(a, b, peak_to_peak: float = 2.0) -> float:
+    """PSNR in dB of two images (torch tensors) on a range of ``peak_to_peak`` (2 for [-1, 1]);
+    ``inf`` when identical. Computed in float64 on the CPU."""
+    import math
+
+    mse = float(((a.detach().double().cpu() - b.detach().double().cpu()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(peak_to_peak**2 / mse)
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message ("" when it has none)."""
     return str(e).strip().splitlines()[0] if str(e).strip() else ""

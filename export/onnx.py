@@ -38,7 +38,7 @@ import torch
 
 from hita.config import check_pair
 
-from .common import Log, check_pos128, decode_positions, first_line, logger, manifest_for, quiet, validation_line
+from .common import Log, check_pos128, decode_positions, first_line, logger, manifest_for, psnr, quiet, validation_line
 from .errors import ExportError, ParityError, SignatureError
 from .graphs import SpecGraph, build_graph
 from .manifest import staging_dir, write_artifacts
@@ -250,9 +250,7 @@ def validate_graph(path: str | Path, graph: SpecGraph, spec: ExportSpec, gpt_cfg
     if spec.name != DECODE_STEP:
         report["max_abs_diff"], outs = _run_and_compare(sess, graph, spec, feed, f" at batch {sizes['batch']}")
         if spec.name == DECODER:
-            ref = graph(*graph.args(feed, spec)).detach().double().cpu()
-            mse = float(((torch.from_numpy(outs[0]).double() - ref) ** 2).mean())
-            report["psnr_db"] = float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+            report["psnr_db"] = psnr(torch.from_numpy(outs[0]), graph(*graph.args(feed, spec)))
         return report
     positions = decode_positions(gpt_cfg)
     worst = 0.0

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from hita.export.common import psnr
 from hita.export.errors import ParityError
 from hita.runtimes.executor import StepExecutor
 from hita.runtimes.loop import generate_tokens, teacher_forced
@@ -91,12 +92,6 @@ class RuntimeParityError(ParityError):
     figure and threshold. The CLI exits 3 (not 2: the input was fine, the runtime is not)."""
 
     exit_code = 3
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> float:
-    """PSNR in dB of two images in [-1, 1] (inf when identical)."""
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak_to_peak**2 / mse)
 
 
 def check_parity(

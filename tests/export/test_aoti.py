@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hita.export.common import psnr
 from hita.export.errors import ArtifactError
 from hita.export.manifest import MANIFEST_NAME, Manifest, load_manifest
 from hita.export.spec import DECODE_STEP, DECODER, GRAPH_NAMES, PREFILL
@@ -24,7 +25,7 @@ from hita.runtimes.loop import (
     teacher_forced,
     to_uint8,
 )
-from hita.runtimes.parity import check_parity, psnr
+from hita.runtimes.parity import check_parity
 from hita.runtimes.sampling import SamplingOptions
 from hita.runtimes.torch_eager import TorchExecutor
 
