@@ -110,9 +110,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         head = f.read(8)
     if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < (1 << 27)
                                           and not head.startswith(b"PK") and not head.startswith(b"\x80")):
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
-        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -287,11 +286,11 @@ def save_model(model: nn.Module, cfg, path: str | os.PathLike, extra_metadata: M
     """Save ``model`` in the project's format: safetensors + kind + config JSON in the metadata."""
 
     kind = "tokenizer" if isinstance(cfg, TokenizerConfig) else "gpt"
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return save_state_dict(sd, kind, cfg, path, extra_metadata)
+    return save_state_dict(model.state_dict(), kind, cfg, path, extra_metadata)
 
 
 def save_state_dict(sd, kind: Kind, cfg, path, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a state dict (moved to contiguous CPU tensors) with kind + config metadata, atomically."""
     from safetensors.torch import save_file
 
     meta = {"hita_kind": kind, "hita_config": cfg.to_json(), "hita_format": FORMAT_VERSION}

@@ -8,13 +8,14 @@ PNG, even when a run is interrupted.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from hita.checkpoint import atomic_write
 
 __all__ = ["save_pngs", "save_grid"]
 
@@ -34,16 +35,7 @@ def _as_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _save_atomic(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_pngs(
