@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from hita.cli.common import Pos128, Precision, user_errors
-from hita.cli.generate import GPT_OPT, TOK_OPT, resolve_checkpoints
+from hita.cli.generate import GPT_OPT, TOK_OPT
+from hita.runtimes.factory import resolve_checkpoints
 
 
 class Engine(str, Enum):

@@ -7,23 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from hita.cli.common import Pos128, Precision, progress_enabled, user_errors
-from hita.runtimes.factory import ARTIFACT_RUNTIMES, Runtime
+from hita.runtimes.factory import ARTIFACT_RUNTIMES, Runtime, resolve_checkpoints
 
 GPT_OPT = Annotated[Optional[Path], typer.Option("--gpt", help="GPT checkpoint (.pt or .safetensors). Default: the embedded model.")]
 TOK_OPT = Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer checkpoint. Default: the embedded model.")]
 ART_OPT = Annotated[Optional[Path], typer.Option("--artifacts", help="Folder made by `hita export` (artifact runtimes).")]
-
-
-def resolve_checkpoints(gpt: Path | None, tokenizer: Path | None):
-    """Both given → them; neither → the embedded default; one alone → an error."""
-    from hita.assets import default_model
-
-    if gpt is None and tokenizer is None:
-        d = default_model()
-        return d.gpt, d.tokenizer, d.class_names
-    if gpt is None or tokenizer is None:
-        raise ValueError("pass both --gpt and --tokenizer, or neither to use the embedded default model")
-    return gpt, tokenizer, None
 
 
 @user_errors

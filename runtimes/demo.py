@@ -27,15 +27,15 @@ class DemoResult:
 
 
 def _cached(artifacts: Path, gpt: Path, tok: Path) -> bool:
-    from hita.checkpoint import file_sha256
     from hita.export.errors import ArtifactError
     from hita.export.manifest import load_manifest
+    from hita.runtimes.factory import exported_from
 
     try:
         m = load_manifest(artifacts, expect_engine="onnx")
     except ArtifactError:
         return False
-    return (m.checkpoints.get("gpt"), m.checkpoints.get("tokenizer")) == (file_sha256(gpt), file_sha256(tok))
+    return exported_from(m, gpt, tok)
 
 
 def run_demo(

@@ -69,6 +69,30 @@ def make_executor(
     return TrtExecutor(artifacts)
 
 
+def resolve_checkpoints(gpt: str | Path | None, tokenizer: str | Path | None):
+    """Both given → them; neither → the embedded default model; one alone → ``ValueError``.
+
+    Returns:
+        (gpt, tokenizer, class_names): class names only for the embedded model, else ``None``.
+    """
+    from hita.assets import default_model
+
+    if gpt is None and tokenizer is None:
+        d = default_model()
+        return d.gpt, d.tokenizer, d.class_names
+    if gpt is None or tokenizer is None:
+        raise ValueError("pass both --gpt and --tokenizer, or neither to use the embedded default model")
+    return gpt, tokenizer, None
+
+
+def exported_from(manifest, gpt: str | Path, tokenizer: str | Path) -> bool:
+    """Whether a manifest records these checkpoint files (by sha256) as its sources."""
+    from hita.checkpoint import file_sha256
+
+    recorded = (manifest.checkpoints.get("gpt"), manifest.checkpoints.get("tokenizer"))
+    return recorded == (file_sha256(gpt), file_sha256(tokenizer))
+
+
 def engine_of(artifacts: str | Path) -> str:
     """The engine kind recorded in an artifacts folder's manifest (files verified)."""
     from hita.export.manifest import load_manifest
@@ -96,23 +120,16 @@ def eager_reference(
     the manifest says the folder was exported from it (by sha256). The manifest's precision and
     position-128 rule are applied, so the comparison is like for like.
     """
-    from hita.checkpoint import file_sha256
     from hita.export.manifest import load_manifest
 
     m = load_manifest(artifacts, verify_files=False)
-    if gpt is None and tokenizer is None:
-        from hita.assets import default_model
-
-        d = default_model()
-        recorded = (m.checkpoints.get("gpt"), m.checkpoints.get("tokenizer"))
-        if recorded != (file_sha256(d.gpt), file_sha256(d.tokenizer)):
-            raise ValueError(
-                f"{artifacts}: was not exported from the embedded default model; pass the --gpt and "
-                "--tokenizer checkpoints it was exported from"
-            )
-        gpt, tokenizer = d.gpt, d.tokenizer
-    elif gpt is None or tokenizer is None:
-        raise ValueError("pass both --gpt and --tokenizer, or neither to use the embedded default model")
+    use_default = gpt is None and tokenizer is None
+    gpt, tokenizer, _ = resolve_checkpoints(gpt, tokenizer)
+    if use_default and not exported_from(m, gpt, tokenizer):
+        raise ValueError(
+            f"{artifacts}: was not exported from the embedded default model; pass the --gpt and "
+            "--tokenizer checkpoints it was exported from"
+        )
     dtype = getattr(torch, m.precision) if isinstance(m.precision, str) else torch.float32
     ex = make_executor(Runtime.torch, gpt=gpt, tokenizer=tokenizer, device=device, dtype=dtype, pos128=m.pos128)
     if ex.gpt_config != m.gpt_cfg or ex.tokenizer_config != m.tokenizer_cfg:
