@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
+from hita.cli.app import app
+from hita.export.testing import tiny_models
 from typer.testing import CliRunner
 
 from hita.checkpoint import save_model
-from hita.cli.app import app
-from hita.export.testing import tiny_models
 
 runner = CliRunner()
 
