@@ -485,8 +485,8 @@ class HostProcess:
 
 
 def build_cpp(ctx: Context):
-    build_host = _import("hita.runtimes.cpp_build", "build_host")
-    run_host = _import("hita.runtimes.cpp_build", "run_host")
+    build_host = _import("hita.jobs.build_cpp", "build_host")
+    run_host = _import("hita.jobs.build_cpp", "run_host")
     out = _aoti_artifacts(ctx)
     t0 = time.perf_counter()
     try:

@@ -15,7 +15,7 @@ def build_cpp(
     jobs: Annotated[int, typer.Option(min=0, help="Parallel compile jobs (0 = up to 4).")] = 0,
 ) -> None:
     """Build `hita-host` and libhita_host with CMake; prints the binary path."""
-    from hita.runtimes.cpp_build import CppBuildError, build_host
+    from hita.jobs.build_cpp import CppBuildError, build_host
 
     if cxx_standard not in (17, 20):
         raise ValueError(f"--cxx-standard must be 17 or 20, got {cxx_standard}")

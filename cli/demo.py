@@ -16,7 +16,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
 ) -> None:
     """Export the default model to ONNX, draw a labelled grid through ONNX Runtime, check parity."""
-    from hita.runtimes.demo import run_demo
+    from hita.jobs.demo import run_demo
     from hita.runtimes.parity import assert_parity
 
     res = run_demo(out, per_class=per_class, seed=seed, log=lambda s: typer.echo(s, err=True),

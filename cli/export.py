@@ -9,7 +9,7 @@ import typer
 
 from hita.cli.common import Pos128, Precision, user_errors
 from hita.cli.generate import GPT_OPT, TOK_OPT
-from hita.runtimes.factory import resolve_checkpoints
+from hita.jobs.sources import resolve_checkpoints
 
 
 class Engine(str, Enum):

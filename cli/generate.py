@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from hita.cli.common import Pos128, Precision, progress_enabled, user_errors
-from hita.runtimes.factory import ARTIFACT_RUNTIMES, Runtime, resolve_checkpoints
+from hita.jobs.sources import resolve_checkpoints
+from hita.runtimes.factory import ARTIFACT_RUNTIMES, Runtime
 
 GPT_OPT = Annotated[Optional[Path], typer.Option("--gpt", help="GPT checkpoint (.pt or .safetensors). Default: the embedded model.")]
 TOK_OPT = Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer checkpoint. Default: the embedded model.")]
@@ -37,7 +38,7 @@ def generate(
 ) -> None:
     """Generate class-conditional images (one PNG each, plus grid.png)."""
     from hita.runtimes.factory import make_executor
-    from hita.runtimes.generate import generate_to_dir, parse_classes
+    from hita.jobs.generate import generate_to_dir, parse_classes
     from hita.runtimes.sampling import SamplingOptions
 
     opts = SamplingOptions(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,

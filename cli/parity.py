@@ -25,8 +25,9 @@ def parity(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
 ) -> None:
     """Compare a runtime with eager PyTorch and exit 3 when it is past the thresholds."""
-    from hita.runtimes.factory import eager_reference, executor_for_artifacts
-    from hita.runtimes.generate import parse_classes
+    from hita.jobs.sources import eager_reference
+    from hita.runtimes.factory import executor_for_artifacts
+    from hita.jobs.generate import parse_classes
     from hita.runtimes.parity import ParityThresholds, assert_parity, check_parity
     from hita.runtimes.sampling import SamplingOptions
 
@@ -37,7 +38,7 @@ def parity(
     report = check_parity(ref, cand, ids, SamplingOptions(cfg_scale=cfg_scale, seed=seed), th)
     typer.echo(report.summary())
     if json_out is not None:
-        from hita.checkpoint import atomic_write
+        from hita.util.files import atomic_write
 
         atomic_write(json_out, lambda tmp: Path(tmp).write_text(report.to_json()))
     assert_parity(report)

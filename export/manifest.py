@@ -1,25 +1,34 @@
 """The artifacts folder: a flat set of engine files plus ``manifest.json`` that vouches for them.
 
-Engine-neutral: the ONNX, AOTInductor and TensorRT exporters all write through
-:func:`write_artifacts` and every runtime opens a folder with :func:`load_manifest` first. The
-manifest records what produced the files (presets and full configs, the pos128 rule, dtype, device,
-tool versions, source checkpoint hashes), the I/O signature of every graph and the sha256 and size
-of every file. A runtime reads only the manifest, never the training code, and refuses a folder
-whose files are not exactly the ones exported (style rule 11: never trust a file because it exists).
+Engine-neutral: every exporter writes through :func:`write_artifacts` and every runtime opens a
+folder with :func:`load_manifest` first. The manifest records what produced the files (presets and
+full configs, the pos128 rule, dtype, device, tool versions, source checkpoint hashes), the I/O
+signature of every graph and the sha256 and size of every file. A runtime reads only the manifest,
+never the training code, and refuses a folder whose files are not exactly the ones exported.
 
-Writes are atomic: files are assembled in a hidden sibling folder, ``manifest.json`` is written
-last, everything is fsynced, then the folder is renamed into place. A crash leaves either the old
-folder or the new one, never a half-written folder with a manifest; an existing folder is replaced
-only when it is itself a hita artifacts folder. A killed export can leave a hidden
-``.<name>.work-*`` / ``.<name>.tmp-*`` / ``.<name>.old-*`` folder beside ``<name>``: safe to delete.
+Integrity: ``manifest.sha256`` holds the sha256 of ``manifest.json``'s bytes in ``sha256sum`` form
+(``sha256sum -c manifest.sha256`` works in the folder). Readers hash the bytes they parse (one read),
+so Python and the C++ host check the same thing without re-serialising JSON. That proves the folder
+is self-consistent, not where it came from: a deployment pins the export it reviewed with
+``expect_sha256`` (``--expect-manifest-sha256 HEX``), and ``HITA_REQUIRE_PINNED=1`` refuses folders
+of engines that hold executable code (AOTInductor ``.pt2``, TensorRT engines) unless pinned.
+
+Writes are atomic and never destroy what hita did not write: files are assembled in a hidden sibling
+folder, ``manifest.json`` and its checksum are written last, everything is fsynced, then the folder
+replaces ``out_dir`` with one atomic exchange (``renameat2(RENAME_EXCHANGE)``; two renames where the
+filesystem lacks it). An existing ``out_dir`` is replaced only when it is empty or a valid hita
+artifacts folder holding exactly the files its manifest lists. Leftover ``.<name>.work-<pid>-*`` /
+``.tmp-`` / ``.old-`` folders of dead processes are removed by the next write.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
-import hashlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -28,8 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from hita.checkpoint import file_sha256
 from hita.config import GPTConfig, TokenizerConfig
+from hita.util.files import apply_umask, bytes_sha256, file_sha256, fsync_path
 
 from .errors import ArtifactError
 from .spec import GraphSignature
@@ -37,19 +46,29 @@ from .spec import GraphSignature
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "CHECKSUM_NAME",
     "ENGINES",
+    "CODE_ENGINES",
+    "PIN_ENV",
     "ArtifactError",
     "Manifest",
     "sha256_file",
     "staging_dir",
     "write_artifacts",
     "load_manifest",
+    "manifest_sha256",
+    "is_hita_folder",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+CHECKSUM_NAME = "manifest.sha256"
 ENGINES = ("onnx", "aoti", "tensorrt")
-_CHECKSUM_KEY = "manifest_sha256"
+# Engine kinds whose files are executable code when loaded (shared libraries, plugins).
+CODE_ENGINES = ("aoti", "tensorrt")
+PIN_ENV = "HITA_REQUIRE_PINNED"
+_RESERVED = (MANIFEST_NAME, CHECKSUM_NAME)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _utc_now() -> str:
@@ -100,12 +119,30 @@ class Manifest:
     def __post_init__(self) -> None:
         # Hold JSON-native values only (tuples -> lists), so a manifest equals its reloaded self.
         for f in dataclasses.fields(self):
+            want = {"graphs": dict, "files": dict, "versions": dict, "checkpoints": dict, "options": dict,
+                    "tokenizer_config": dict, "gpt_config": dict}.get(f.name, str)
+            if f.name == "format_version":
+                want = int
+            if not isinstance(getattr(self, f.name), want) or isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be a JSON {'object' if want is dict else want.__name__}")
             if isinstance(getattr(self, f.name), dict):
                 object.__setattr__(self, f.name, json.loads(json.dumps(getattr(self, f.name))))
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine kind {self.engine!r}; use one of {', '.join(ENGINES)}")
-        for g in self.graphs.values():
-            _check_file_name(g.get("file", ""))
+        for name, g in self.graphs.items():
+            if not isinstance(g, dict) or not isinstance(g.get("file"), str):
+                raise ValueError(f"graph {name!r} must be an object with a 'file' name")
+            _check_file_name(g["file"])
+        for name, entry in self.files.items():
+            _check_file_name(name)
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+                    and isinstance(entry.get("size"), int) and entry["size"] >= 0):
+                raise ValueError(f"files[{name!r}] must be {{'sha256': 64 hex digits, 'size': bytes}}")
+        for key in ("tokenizer_config", "gpt_config"):
+            try:
+                (TokenizerConfig if key == "tokenizer_config" else GPTConfig).from_dict(getattr(self, key))
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"{key}: {e}") from None
 
     # -- typed views -----------------------------------------------------------------------
 
@@ -141,52 +178,71 @@ class Manifest:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        """Pretty JSON with a checksum of the content, so an edit after export is detected."""
-        body = self.to_dict()
-        body[_CHECKSUM_KEY] = _content_sha256(body)
-        return json.dumps(body, indent=2, sort_keys=True) + "\n"
+        """Pretty, key-sorted JSON (its sha256 goes into ``manifest.sha256``)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
-        """Strict: unknown or missing keys raise ``ArtifactError`` (checksum key excepted)."""
-        body = {k: v for k, v in d.items() if k != _CHECKSUM_KEY}
+        """Strict: unknown or missing keys and wrongly typed values raise ``ArtifactError``."""
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING}
-        unknown, missing = sorted(set(body) - names), sorted(required - set(body))
+        unknown, missing = sorted(set(d) - names), sorted(required - set(d))
         if unknown or missing:
             raise ArtifactError(
                 f"{MANIFEST_NAME}: unknown keys {unknown}, missing keys {missing}; the folder was not "
                 "written by this hita version; re-run `hita export`"
             )
         try:
-            return cls(**body)
+            return cls(**d)
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{MANIFEST_NAME}: invalid content ({e}); re-run `hita export`") from None
 
 
-def _content_sha256(body: Mapping[str, Any]) -> str:
-    canon = json.dumps({k: v for k, v in body.items() if k != _CHECKSUM_KEY}, sort_keys=True,
-                       separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
-
-
 def _check_file_name(name: str) -> None:
-    # Flat folders only: a name is a single path component (no "..", no subfolders, not the manifest).
-    if not name or name in (".", "..", MANIFEST_NAME) or "/" in name or "\\" in name or name.startswith("."):
+    # Flat folders only: a name is a single visible path component, never the manifest or its checksum.
+    if (not isinstance(name, str) or not name or name in (".", "..", *_RESERVED) or "/" in name or "\\" in name
+            or name.startswith(".") or "\0" in name):
         raise ValueError(f"artifact file name {name!r} must be a plain, visible file name other than {MANIFEST_NAME}")
 
 
-# One hashing routine for checkpoints and artifacts (1 MiB chunks: multi-GB engines stay out of memory).
+# One hashing routine for checkpoints and artifacts.
 sha256_file = file_sha256
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def manifest_sha256(artifacts_dir: str | os.PathLike) -> str:
+    """The sha256 of a folder's ``manifest.json`` bytes: the value to pin a reviewed export with."""
+    return bytes_sha256((Path(artifacts_dir) / MANIFEST_NAME).read_bytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove ``.<name>.{work,tmp,old}-<pid>-*`` folders of processes that no longer run."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(work|tmp|old)-(\d+)-[0-9a-z_]+$")
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
 
 
 @contextlib.contextmanager
@@ -196,15 +252,47 @@ def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    _clean_leftovers(out)
+    tmp = _sibling(out, "work")
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _is_artifacts_folder(path: Path) -> bool:
-    return (path / MANIFEST_NAME).is_file() or not any(path.iterdir())
+def is_hita_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder hita may replace: empty, or a valid artifacts folder (manifest
+    and checksum verify) holding exactly the files its manifest lists and nothing else."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    present = {p.name for p in path.iterdir()}
+    if not present:
+        return True
+    try:
+        m = load_manifest(path, verify_files=False, _policy=False)
+    except ArtifactError:
+        return False
+    return present == set(m.files) | set(_RESERVED)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2``); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def write_artifacts(
@@ -213,21 +301,21 @@ def write_artifacts(
     """Write ``files`` and their manifest to ``out_dir`` atomically.
 
     Steps: make a hidden sibling temp folder; move each file in (a rename on the same filesystem,
-    else a copy), hash it and fsync it; write ``manifest.json`` last (with sha256 and size of every
-    file) and fsync it and the folder; rename any existing ``out_dir`` aside, rename the new folder
-    into place, delete the old one. If anything fails before the swap, ``out_dir`` is untouched.
-    Linux cannot swap two folders in one step, so a reader that looks during the two renames may
-    briefly see no folder; it never sees a mixed one.
+    else a copy), hash it and fsync it; write ``manifest.json`` and ``manifest.sha256`` last, fsync
+    them and the folder; then exchange it with an existing ``out_dir`` in one step (or rename it into
+    place) and delete the old copy. If anything fails before the swap, ``out_dir`` is untouched; at no
+    moment is ``out_dir`` missing or mixed where the filesystem supports the exchange.
 
     Args:
-        out_dir: destination folder; replaced if it exists and is empty or holds a ``manifest.json``.
+        out_dir: destination folder; replaced only if it is empty or a hita artifacts folder holding
+            exactly its listed files (:func:`is_hita_folder`).
         files: artifact file name -> path of the finished file. The files are **moved** (consumed).
         manifest: the manifest; its ``files`` entries are (re)computed here.
     Returns:
         The manifest as written (with ``files`` filled in).
     Raises:
-        ArtifactError: ``out_dir`` exists and is not a hita artifacts folder (it is never deleted),
-            or a graph names a file that is not in ``files``.
+        ArtifactError: ``out_dir`` exists and is not a folder hita may replace (it is never
+            touched), or a graph names a file that is not in ``files``.
         ValueError: a file name is not a plain name.
     """
     out = Path(out_dir).absolute()
@@ -236,13 +324,10 @@ def write_artifacts(
     missing = sorted({g["file"] for g in manifest.graphs.values()} - set(files))
     if missing:
         raise ArtifactError(f"manifest lists graph files {missing} that were not produced; export is incomplete")
-    if out.exists() and (not out.is_dir() or not _is_artifacts_folder(out)):
-        raise ArtifactError(
-            f"{out}: exists and is not a hita artifacts folder (no {MANIFEST_NAME}); refusing to replace it; "
-            "choose a new or empty folder"
-        )
+    check_output_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _clean_leftovers(out)
+    tmp = _sibling(out, "tmp")
     try:
         entries = {}
         for name, src in files.items():
@@ -251,32 +336,69 @@ def write_artifacts(
                 os.replace(src, dst)
             except OSError:  # another filesystem: copy instead of rename
                 shutil.copyfile(src, dst)
-            _fsync_path(dst)
+            fsync_path(dst)
+            apply_umask(dst)
             entries[name] = {"sha256": sha256_file(dst), "size": dst.stat().st_size}
         final = dataclasses.replace(manifest, files=entries)
-        mpath = tmp / MANIFEST_NAME
-        with open(mpath, "w", encoding="utf-8") as f:
-            f.write(final.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(tmp)
-        old = None
+        text = final.to_json().encode("utf-8")
+        for name, data in ((MANIFEST_NAME, text), (CHECKSUM_NAME, f"{bytes_sha256(text)}  {MANIFEST_NAME}\n".encode())):
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            apply_umask(tmp / name)
+        apply_umask(tmp, folder=True)
+        fsync_path(tmp)
+        check_output_folder(out)  # again: another process may have put something there meanwhile
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        try:
+            if _exchange(tmp, out):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            else:
+                old = _sibling(out, "old")
+                os.rmdir(old)
+                os.replace(out, old)
+                try:
+                    os.replace(tmp, out)
+                except OSError:
+                    os.replace(old, out)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+        else:
             os.replace(tmp, out)
-        except OSError:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        _fsync_path(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_path(out.parent)
         return final
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_folder(out_dir: str | os.PathLike) -> None:
+    """Refuse, before any work, an output location hita must not replace.
+
+    Raises:
+        ArtifactError: ``out_dir`` is a file, a symlink, or a folder with content hita did not write.
+    """
+    out = Path(out_dir)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ArtifactError(f"{out}: exists and is not a folder; choose a new folder for the export")
+    if out.exists() and not is_hita_folder(out):
+        raise ArtifactError(
+            f"{out}: exists and is not a hita artifacts folder (it holds files no hita export listed); "
+            "refusing to replace it; choose a new or empty folder"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def _require_pin(engine: str, expect_sha256: str | None, root: Path) -> None:
+    if os.environ.get(PIN_ENV, "") not in ("", "0") and engine in CODE_ENGINES and expect_sha256 is None:
+        raise ArtifactError(
+            f"{root}: a {engine} folder contains executable code and {PIN_ENV} is set; pass "
+            "--expect-manifest-sha256 HEX (the sha256 of the reviewed export's manifest.json)"
+        )
 
 
 def load_manifest(
@@ -284,17 +406,22 @@ def load_manifest(
     expect_engine: str | None = None,
     *,
     verify_files: bool = True,
+    expect_sha256: str | None = None,
+    _policy: bool = True,
 ) -> Manifest:
     """Open an artifacts folder and prove that its files are the ones exported.
 
-    Checks, in order: the folder and ``manifest.json`` exist; the manifest parses, has this
-    format version and an intact content checksum; the engine kind is ``expect_engine``; every
-    listed file exists with the recorded size and sha256; every graph's file is listed.
+    Checks, in order: the folder, ``manifest.json`` and ``manifest.sha256`` exist; the manifest's
+    bytes hash to the recorded checksum (and to ``expect_sha256`` when pinned); it parses, has this
+    format version and well-typed fields; the engine kind is ``expect_engine``; the pin policy
+    (:data:`PIN_ENV`); every listed file exists with the recorded size and sha256.
 
     Args:
         artifacts_dir: the folder written by :func:`write_artifacts`.
         expect_engine: refuse a folder of another engine kind (``"onnx"``, ...); ``None`` accepts any.
         verify_files: hash every file (seconds for multi-GB engines); ``False`` checks sizes only.
+        expect_sha256: the pinned sha256 of ``manifest.json`` (:func:`manifest_sha256` of the
+            reviewed export); any other manifest is refused.
     Returns:
         The :class:`Manifest`.
     Raises:
@@ -304,14 +431,29 @@ def load_manifest(
     fix = f"re-run `hita export --engine {expect_engine or '<engine>'}`"
     if not root.is_dir():
         raise ArtifactError(f"{root}: no such artifacts folder; create it with `hita export`")
-    mpath = root / MANIFEST_NAME
+    mpath, cpath = root / MANIFEST_NAME, root / CHECKSUM_NAME
     if not mpath.is_file():
         raise ArtifactError(
             f"{mpath}: missing (not a hita artifacts folder, or the export did not finish); {fix}"
         )
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = mpath.read_bytes()
+        recorded = cpath.read_text(encoding="ascii").split()[0] if cpath.is_file() else None
+    except (OSError, UnicodeDecodeError, IndexError) as e:
+        raise ArtifactError(f"{cpath}: unreadable ({e}); {fix}") from None
+    if recorded is None:
+        raise ArtifactError(f"{cpath}: missing (written by an older hita, or the export did not finish); {fix}")
+    digest = bytes_sha256(data)
+    if recorded != digest:
+        raise ArtifactError(f"{mpath}: content changed after export (checksum mismatch); {fix}")
+    if expect_sha256 is not None and digest != expect_sha256.strip().lower():
+        raise ArtifactError(
+            f"{mpath}: manifest sha256 {digest} does not match the pinned {expect_sha256.strip().lower()}; "
+            "this is not the export you reviewed"
+        )
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ArtifactError(f"{mpath}: unreadable ({e}); {fix}") from None
     if not isinstance(raw, dict):
         raise ArtifactError(f"{mpath}: not a JSON object; {fix}")
@@ -321,8 +463,6 @@ def load_manifest(
             f"{mpath}: format version {version!r}, this hita reads version {FORMAT_VERSION}; "
             f"re-export with this hita ({fix})"
         )
-    if raw.get(_CHECKSUM_KEY) != _content_sha256(raw):
-        raise ArtifactError(f"{mpath}: content changed after export (checksum mismatch); {fix}")
     manifest = Manifest.from_dict(raw)
     fix = f"re-run `hita export --engine {manifest.engine}`"
     if expect_engine is not None and manifest.engine != expect_engine:
@@ -330,13 +470,15 @@ def load_manifest(
             f"{root}: holds a {manifest.engine!r} export, expected {expect_engine!r}; point to an "
             f"{expect_engine} artifacts folder or run `hita export --engine {expect_engine}`"
         )
+    if _policy:
+        _require_pin(manifest.engine, expect_sha256, root)
     for graph, info in manifest.graphs.items():
         if info["file"] not in manifest.files:
             raise ArtifactError(f"{mpath}: graph {graph!r} names {info['file']!r}, which is not listed; {fix}")
     for name, entry in manifest.files.items():
         path = root / name
-        if not path.is_file():
-            raise ArtifactError(f"{name}: missing from {root}; {fix}")
+        if path.is_symlink() or not path.is_file():
+            raise ArtifactError(f"{name}: missing from {root} (or not a plain file); {fix}")
         size = path.stat().st_size
         if size != entry["size"]:
             raise ArtifactError(

@@ -1,17 +1,15 @@
 """Export the three hita graphs to ONNX, check them against their specs and against eager PyTorch.
 
 ``export_onnx(gpt, tokenizer, out_dir)`` writes ``decoder.onnx``, ``prefill.onnx``,
-``decode_step.onnx`` and ``manifest.json`` into ``out_dir`` (atomically, see
-:mod:`~hita.export.manifest`). For each graph it:
+``decode_step.onnx`` and the manifest into ``out_dir`` through the shared driver
+(:mod:`~hita.export.driver`: validation, versions, atomic folder). The ONNX backend:
 
 1. traces the :mod:`~hita.export.graphs` wrapper with ``torch.onnx.export(dynamo=True)`` at the
    spec's example batch (2: torch.export specialises size-1 axes);
 2. reads the file back and checks input/output names, dtypes and symbolic axes against the spec
    (:class:`SignatureError`);
-3. runs it in ONNX Runtime (CPU) at another batch (3) and compares every output with eager PyTorch
-   (:class:`ParityError` with the max abs diff and the tolerance). The decode step is checked at
-   positions on both sides of every branch point (``1, Nh-1, Nh, Nh+1, seq_len-1``), and binding one
-   buffer as both past and present cache is checked to give bit-identical results.
+3. loads it in ONNX Runtime (CPU) for the driver's comparison with eager PyTorch, and checks that
+   binding one buffer as both past and present cache gives bit-identical results.
 
 Why the dynamo exporter (measured on the tiny preset, torch 2.13, onnxruntime 1.32 CPU): the
 TorchScript ("legacy") exporter is deprecated (a warning on every call) and its ``prefill.onnx``
@@ -28,7 +26,6 @@ for one message); larger models (GPT-XL and up in fp32) get ONNX external data, 
 """
 from __future__ import annotations
 
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -36,32 +33,21 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
-from hita.config import check_pair
+from hita.util.log import Log, first_line, quiet
 
-from .common import Log, check_pos128, decode_positions, first_line, logger, manifest_for, psnr, quiet, validation_line
+from .driver import Backend, Runner, export_artifacts, validate_graph
 from .errors import ExportError, ParityError, SignatureError
-from .graphs import SpecGraph, build_graph
-from .manifest import staging_dir, write_artifacts
-from .spec import (
-    DECODE_STEP,
-    DECODER,
-    DTYPES,
-    GRAPH_NAMES,
-    PREFILL,
-    ExportSpec,
-    GraphSignature,
-    TensorSpec,
-    dtype_name,
-    graph_specs,
-)
+from .graphs import SpecGraph
+from .spec import ExportSpec, GraphSignature, TensorSpec
 
 if TYPE_CHECKING:
     from hita.models.gpt import HitaGPT
     from hita.models.tokenizer import HitaTokenizer
 
 __all__ = [
+    "OnnxBackend",
     "export_onnx",
-    "validate_graph",
+    "validate_onnx",
     "onnx_signature",
     "ONNX_DTYPES",
     "EXTERNAL_DATA_BYTES",
@@ -74,11 +60,6 @@ ONNX_DTYPES: dict[int, str] = {1: "float32", 10: "float16", 16: "bfloat16", 7: "
 
 # Protobuf refuses messages of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
-
-
-# ----------------------------------------------------------------------------------------------
-# Signature of an ONNX file
-# ----------------------------------------------------------------------------------------------
 
 
 def onnx_signature(path: str | Path) -> GraphSignature:
@@ -99,75 +80,24 @@ def onnx_signature(path: str | Path) -> GraphSignature:
     return GraphSignature(tuple(spec(v) for v in model.graph.input), tuple(spec(v) for v in model.graph.output))
 
 
-# ----------------------------------------------------------------------------------------------
-# Export one graph
-# ----------------------------------------------------------------------------------------------
-
-
-def _export_graph(graph: SpecGraph, spec: ExportSpec, path: Path, *, external_data: bool, verbose: bool) -> None:
-    """Trace ``graph`` at the spec's example sizes and write ``path`` (plus external data)."""
-    feed = spec.example_inputs(spec.sizes("example"), device=_device_of(graph))
-    args = graph.args(feed, spec)
-    # No upper bound: ONNX Runtime has none; the TensorRT profile range lives in the spec.
-    dims = {d.name: torch.export.Dim(d.name, min=1) for d in spec.dims}
-    with quiet(verbose, "torch.onnx") as captured, torch.no_grad():
-        try:
-            torch.onnx.export(
-                graph, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                dynamic_shapes=graph.dynamic_shapes(spec, dims), opset_version=spec.opset,
-                dynamo=True, external_data=external_data,
-            )
-        except Exception as e:
-            raise ExportError(
-                f"{spec.file_name}: torch.onnx.export(dynamo=True) failed: {type(e).__name__}: {first_line(e)}\n"
-                + captured.getvalue()[-4000:]
-            ) from e
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation against eager
-# ----------------------------------------------------------------------------------------------
+def _session(path: Path, spec: ExportSpec):
+    import onnxruntime as ort
 
-
-def _compare(spec: ExportSpec, name: str, got: np.ndarray, ref: torch.Tensor, where: str) -> float:
-    """Max abs diff of one output; :class:`ParityError` when outside ``atol + rtol * |ref|``."""
-    want = ref.detach().float().cpu().numpy()
-    got = np.asarray(got, dtype=np.float32)
-    if got.shape != want.shape:
-        raise ParityError(
-            f"{spec.file_name}: output {name} has shape {list(got.shape)}{where}; eager gives {list(want.shape)}"
-        )
-    diff = np.abs(got - want)
-    worst = float(diff.max()) if diff.size else 0.0
-    if not np.all(diff <= spec.atol + spec.rtol * np.abs(want)):
-        raise ParityError(
-            f"{spec.file_name}: output {name} differs from eager PyTorch{where}: max |diff| {worst:.3g} > "
-            f"tolerance atol {spec.atol:g} + rtol {spec.rtol:g} x |eager|; the export is wrong "
-            "(report it with the model preset and this message)"
-        )
-    return worst
-
-
-def _run_and_compare(
-    sess, graph: SpecGraph, spec: ExportSpec, feed: dict[str, torch.Tensor], where: str
-) -> tuple[float, list]:
-    """One ORT run vs one eager run on ``feed``; returns (max diff over outputs, ORT outputs)."""
-    with torch.no_grad():
-        ref = graph(*graph.args(feed, spec))
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    outs = sess.run(None, {k: v.cpu().numpy() for k, v in feed.items()})
-    worst = max(_compare(spec, n, o, r, where) for n, o, r in zip(spec.output_names, outs, ref))
-    return worst, outs
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # e.g. NOT_IMPLEMENTED: no bfloat16 kernel for some op on CPU
+        dtype = spec.outputs[0].dtype
+        raise ExportError(
+            f"{spec.file_name}: ONNX Runtime's CPU provider cannot run this {dtype} graph "
+            f"({first_line(e)[:300] or type(e).__name__}); export with validate=False (`--skip-validation`) "
+            f"and check it with a provider that has {dtype} kernels (`hita parity` on a GPU)"
+        ) from None
 
 
 def _check_inplace_kv(sess, spec: ExportSpec, feed: dict[str, torch.Tensor], positions: list[int]) -> bool:
@@ -210,73 +140,88 @@ def _check_inplace_kv(sess, spec: ExportSpec, feed: dict[str, torch.Tensor], pos
     return True
 
 
-def validate_graph(path: str | Path, graph: SpecGraph, spec: ExportSpec, gpt_cfg) -> dict[str, Any]:
-    """Run an exported graph in ONNX Runtime (CPU) against its eager wrapper at the spec's check sizes.
-
-    Inputs are seeded random (ids in range, caches standard normal); the prefill batch ends with
-    the CFG null class; the decode step runs at every position of :func:`~hita.export.common.decode_positions` and
-    then checks in-place KV binding.
+class OnnxBackend(Backend):
+    """ONNX through ``torch.onnx.export(dynamo=True)``, validated in ONNX Runtime (CPU).
 
     Args:
-        path: the ``.onnx`` file.
-        graph: the eager wrapper it was exported from (:func:`~hita.export.graphs.build_graph`).
-        spec: its spec.
-        gpt_cfg: the GPT config (positions, null class).
-    Returns:
-        A report: ``batch``, ``max_abs_diff`` (over all outputs and positions), ``psnr_db`` for the
-        decoder, ``positions`` and ``kv_inplace_verified`` for the decode step.
-    Raises:
-        ParityError: an output differs beyond ``spec.atol + spec.rtol * |eager|``.
+        opset: ONNX opset, 18..23 (17 yields an invalid model with the dynamo exporter).
+        external_data: force (True) or forbid (False) ONNX external data; ``None`` decides by size.
+        verbose: let the exporter print its own progress, warnings and logs.
     """
-    import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # e.g. NOT_IMPLEMENTED: no bfloat16 kernel for some op on CPU
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        dtype = spec.outputs[0].dtype
-        raise ExportError(
-            f"{spec.file_name}: ONNX Runtime's CPU provider cannot run this {dtype} graph ({first}); "
-            "export with validate=False (`--skip-validation`) and check it with a provider that has "
-            f"{dtype} kernels (`hita parity` on a GPU)"
-        ) from None
-    sizes = spec.sizes("check")
-    feed = spec.example_inputs(sizes, seed=1, device=_device_of(graph))
-    report: dict[str, Any] = {"batch": sizes["batch"]}
-    if spec.name == PREFILL:
-        feed["class_ids"][-1] = gpt_cfg.null_class  # the CFG null row must work too
-    if spec.name != DECODE_STEP:
-        report["max_abs_diff"], outs = _run_and_compare(sess, graph, spec, feed, f" at batch {sizes['batch']}")
-        if spec.name == DECODER:
-            report["psnr_db"] = psnr(torch.from_numpy(outs[0]), graph(*graph.args(feed, spec)))
-        return report
-    positions = decode_positions(gpt_cfg)
-    worst = 0.0
-    for p in positions:
-        feed["position"] = torch.tensor([p], dtype=torch.int64, device=feed["position"].device)
-        diff, _ = _run_and_compare(sess, graph, spec, feed, f" at batch {sizes['batch']}, position {p}")
-        worst = max(worst, diff)
-    report.update(max_abs_diff=worst, positions=positions)
-    nh = gpt_cfg.n_holistic
-    report["kv_inplace_verified"] = _check_inplace_kv(sess, spec, feed, [nh - 1, nh, nh + 1])
-    return report
+    engine = "onnx"
+
+    def __init__(self, opset: int = 18, external_data: bool | None = None, verbose: bool = False):
+        if not 18 <= opset <= 23:
+            raise ValueError(f"opset must be in 18..23 (the dynamo exporter emits an invalid model at 17), got {opset}")
+        self.opset, self.external_data, self.verbose = opset, external_data, verbose
+        self._wrote_external = False
+
+    def write(self, graph: SpecGraph, spec: ExportSpec, folder: Path, device: torch.device) -> dict[str, Any]:
+        path = folder / spec.file_name
+        use_ext = self.external_data if self.external_data is not None else _param_bytes(graph) >= EXTERNAL_DATA_BYTES
+        feed = spec.example_inputs(spec.sizes("example"), device=device)
+        # No upper bound: ONNX Runtime has none; the TensorRT profile range lives in the spec.
+        dims = {d.name: torch.export.Dim(d.name, min=1) for d in spec.dims}
+        with quiet(self.verbose, "torch.onnx") as captured, torch.no_grad():
+            try:
+                torch.onnx.export(
+                    graph, graph.args(feed, spec), str(path), input_names=spec.input_names,
+                    output_names=spec.output_names, dynamic_shapes=graph.dynamic_shapes(spec, dims),
+                    opset_version=spec.opset, dynamo=True, external_data=use_ext,
+                )
+            except Exception as e:
+                raise ExportError(
+                    f"{spec.file_name}: torch.onnx.export(dynamo=True) failed: {type(e).__name__}: {first_line(e)}\n"
+                    + captured.getvalue()[-4000:]
+                ) from e
+        spec.signature.check(
+            onnx_signature(path), spec.file_name, spec.description,
+            "the exporter renamed or re-typed a tensor; report it",
+        )
+        self._wrote_external |= use_ext
+        return {"opset": spec.opset}
+
+    def load(self, path: Path, spec: ExportSpec, device: torch.device) -> Runner:
+        sess = _session(path, spec)
+
+        def run(feed: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+            outs = sess.run(None, {k: v.cpu().numpy() for k, v in feed.items()})
+            return [torch.from_numpy(np.asarray(o)) for o in outs]
+
+        return run
+
+    def extra_checks(self, path: Path, spec: ExportSpec, feed: dict[str, torch.Tensor], gpt_cfg) -> dict[str, Any]:
+        if spec.name != "decode_step":
+            return {}
+        nh = gpt_cfg.n_holistic
+        return {"kv_inplace_verified": _check_inplace_kv(_session(path, spec), spec, feed, [nh - 1, nh, nh + 1])}
+
+    def versions(self) -> dict[str, str]:
+        out = {"opset": str(self.opset)}
+        for dist in ("onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+        return out
+
+    def options(self, report: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "external_data": self._wrote_external,
+            "kv_inplace_verified": bool(report.get("decode_step", {}).get("kv_inplace_verified", False)),
+        }
 
 
-# ----------------------------------------------------------------------------------------------
-# Public entry point
-# ----------------------------------------------------------------------------------------------
+def validate_onnx(path: str | Path, graph: SpecGraph, spec: ExportSpec, gpt_cfg) -> dict[str, Any]:
+    """Check one ``.onnx`` file against its eager wrapper as the exporter does (ONNX Runtime CPU).
 
-
-def _versions(opset: int) -> dict[str, str]:
-    out = {"torch": torch.__version__, "opset": str(opset)}
-    for dist in ("hita", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    Raises:
+        ParityError: an output differs beyond the spec's tolerance.
+    """
+    runner = OnnxBackend(opset=spec.opset).load(Path(path), spec, torch.device("cpu"))
+    return validate_graph(runner, spec.file_name, graph, spec, gpt_cfg, torch.device("cpu"))[0]
 
 
 def export_onnx(
@@ -294,93 +239,19 @@ def export_onnx(
     verbose: bool = False,
     checkpoints: Mapping[str, str | Path | None] | None = None,
 ) -> Path:
-    """Export decoder, prefill and decode-step graphs plus a manifest into ``out_dir``.
+    """Export decoder, prefill and decode-step ONNX graphs plus a manifest into ``out_dir``.
 
-    The GPT is cast to ``dtype`` and both models are put in eval mode **in place** (as
-    :class:`~hita.runtimes.torch_eager.TorchExecutor` does); the tokenizer stays float32.
+    The GPT is cast to ``dtype`` and both models are put in eval mode **in place**; the tokenizer
+    stays float32. ONNX Runtime's CPU provider lacks half-precision kernels for parts of the graph,
+    so validate half-precision exports on a GPU provider or pass ``validate=False``. See
+    :func:`~hita.export.driver.export_artifacts` for the arguments shared by every engine;
+    ``opset``, ``external_data`` and ``verbose`` are :class:`OnnxBackend`'s.
 
-    Args:
-        gpt: the GPT (``HitaGPT``).
-        tokenizer: the tokenizer (``HitaTokenizer``); must fit the GPT (``check_pair``).
-        out_dir: artifacts folder; replaced atomically if it already holds an artifacts folder.
-        opset: ONNX opset, 18..23 (17 yields an invalid model with the dynamo exporter).
-        pos128: ``"reference"`` or ``"consistent"``, the embedding rule at position n_holistic
-            baked into ``decode_step.onnx`` (spec 8.1).
-        dtype: GPT hidden / KV-cache / logits dtype (``torch.float32``, ``float16``, ``bfloat16``).
-            ONNX Runtime's CPU provider lacks half-precision kernels for parts of the graph, so
-            validate half-precision exports on a GPU provider or pass ``validate=False``.
-        validate: check every graph against eager PyTorch (ONNX Runtime CPU) before writing.
-        progress: print one line per graph to stderr, or a callable that takes each line.
-        max_batch: largest batch (CFG rows included) recorded for engines that need a profile.
-        external_data: force (True) or forbid (False) ONNX external data; ``None`` decides by size
-            (external when the weights reach :data:`EXTERNAL_DATA_BYTES`).
-        checkpoints: ``{"gpt": path, "tokenizer": path}`` of the source checkpoints, hashed into the
-            manifest.
-        verbose: let the exporter print its own progress, warnings and logs.
-    Returns:
-        ``out_dir`` as a ``Path``.
     Raises:
-        SignatureError: a written graph's I/O differs from its spec.
-        ParityError: a graph's outputs differ from eager beyond the spec's tolerance.
-        ExportError: the exporter failed.
-        ValueError: bad arguments (unknown pos128 or dtype, opset out of range, models that do
-            not fit together).
+        SignatureError, ParityError, ExportError, ArtifactError, ValueError: as the driver.
     """
-    check_pos128(pos128)
-    if not 18 <= opset <= 23:
-        raise ValueError(f"opset must be in 18..23 (the dynamo exporter emits an invalid model at 17), got {opset}")
-    dt = dtype_name(dtype)
-    check_pair(tokenizer.cfg, gpt.cfg)
-    log = logger(progress)
-    gpt = gpt.to(dtype=DTYPES[dt]).eval()
-    tokenizer = tokenizer.float().eval()
-    specs = graph_specs(tokenizer.cfg, gpt.cfg, dtype=dt, opset=opset, max_batch=max_batch)
-    out = Path(out_dir)
-    report: dict[str, Any] = {}
-    graphs: dict[str, dict[str, Any]] = {}
-    with staging_dir(out) as work:
-        for i, name in enumerate(GRAPH_NAMES, 1):
-            spec = specs[name]
-            graph = build_graph(name, gpt, tokenizer, pos128)
-            use_ext = external_data if external_data is not None else _param_bytes(graph) >= EXTERNAL_DATA_BYTES
-            gdir = work / name
-            gdir.mkdir()
-            path = gdir / spec.file_name
-            t0 = time.perf_counter()
-            _export_graph(graph, spec, path, external_data=use_ext, verbose=verbose)
-            seconds = time.perf_counter() - t0
-            spec.signature.check(
-                onnx_signature(path), spec.file_name, spec.description,
-                "the exporter renamed or re-typed a tensor; report it",
-            )
-            size = sum(f.stat().st_size for f in gdir.iterdir())
-            entry: dict[str, Any] = {"export_seconds": round(seconds, 2), "bytes": size}
-            line = f"[{i}/3] {spec.file_name}: exported in {seconds:.1f} s ({size / 2**20:.1f} MiB)"
-            if validate:
-                t1 = time.perf_counter()
-                entry.update(validate_graph(path, graph, spec, gpt.cfg))
-                entry["validate_seconds"] = round(time.perf_counter() - t1, 2)
-                line += validation_line(entry, spec)
-            log(line)
-            report[name] = entry
-            graphs[name] = {"file": spec.file_name, "opset": opset, **spec.signature.to_dict()}
-        files = {f.name: f for name in GRAPH_NAMES for f in sorted((work / name).iterdir())}
-        manifest = manifest_for(
-            "onnx", gpt, tokenizer, checkpoints,
-            pos128=pos128,
-            precision=dt,
-            device="cpu",
-            versions=_versions(opset),
-            graphs=graphs,
-            options={
-                "exporter": "torch.onnx.export(dynamo=True)",
-                "external_data": any(f.endswith(".data") for f in files),
-                "validated": validate,
-                "kv_inplace_verified": bool(report.get(DECODE_STEP, {}).get("kv_inplace_verified", False)),
-                "max_batch": max_batch,
-                "validation": report,
-            },
-        )
-        write_artifacts(out, files, manifest)
-    log(f"wrote {out} ({len(files)} files + manifest.json)")
-    return out
+    backend = OnnxBackend(opset=opset, external_data=external_data, verbose=verbose)
+    return export_artifacts(
+        backend, gpt, tokenizer, out_dir, device="cpu", pos128=pos128, dtype=dtype, validate=validate,
+        progress=progress, max_batch=max_batch, checkpoints=checkpoints, spec_options={"opset": opset},
+    )

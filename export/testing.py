@@ -79,3 +79,23 @@ def tiny_aoti_artifacts(out_dir: str | Path, seed: int = 0, **export_kwargs) -> 
     from .aoti import export_aoti
 
     return _tiny_artifacts(out_dir, "aoti", export_aoti, seed, export_kwargs)
+
+
+def reissue_manifest(folder: str | Path, **changes) -> Path:
+    """Rewrite a folder's ``manifest.json`` with ``changes`` and a matching ``manifest.sha256``:
+    a consistent-looking folder with other settings (another device, torch version, engine), as a
+    genuine export elsewhere, or a forger, would produce. Tests use it to prove runtimes check the
+    fields themselves, not only the checksum."""
+    import dataclasses
+    import json
+
+    from hita.util.files import bytes_sha256
+
+    from .manifest import CHECKSUM_NAME, MANIFEST_NAME, Manifest
+
+    folder = Path(folder)
+    m = dataclasses.replace(Manifest.from_dict(json.loads((folder / MANIFEST_NAME).read_text())), **changes)
+    text = m.to_json().encode()
+    (folder / MANIFEST_NAME).write_bytes(text)
+    (folder / CHECKSUM_NAME).write_text(f"{bytes_sha256(text)}  {MANIFEST_NAME}\n")
+    return folder

@@ -15,10 +15,8 @@ Every load is strict: missing keys, unexpected keys and shape mismatches are rep
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from hita.config import GPTConfig, TokenizerConfig
+from hita.util.files import atomic_write, file_sha256
 
 Kind = Literal["tokenizer", "gpt"]
 KINDS: tuple[str, ...] = ("tokenizer", "gpt")
@@ -49,12 +48,6 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_pickle(path: Path) -> Any:
@@ -264,22 +257,6 @@ def load_gpt(path, preset: str | None = None, device="cpu", dtype: torch.dtype |
 # ----------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_model(model: nn.Module, cfg, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from hita.export.common import psnr
+from hita.util.metrics import psnr
 from hita.export.errors import ParityError
 from hita.runtimes.executor import StepExecutor
 from hita.runtimes.loop import generate_tokens, teacher_forced

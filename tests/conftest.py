@@ -40,7 +40,7 @@ def aoti_dir(tmp_path_factory, request):
     base = tmp_path_factory.getbasetemp()
     if shutil.which("cmake") and any(Path(str(i.fspath)).name == "test_cpp_host.py" for i in request.session.items):
         # The C++ host tests need a build too: start it now so it compiles while this exports.
-        from hita.runtimes.cpp_build import build_host_async
+        from hita.jobs.build_cpp import build_host_async
 
         build_host_async(base / "hita-cpp-build")
     return tiny_aoti_artifacts(base / "hita-aoti-tiny")

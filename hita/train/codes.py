@@ -55,7 +55,8 @@ def extract_codes(tokenizer: str | os.PathLike, data: str, out: str | os.PathLik
     """
     from safetensors.torch import save_file
 
-    from hita.checkpoint import atomic_write, load_tokenizer
+    from hita.checkpoint import load_tokenizer
+    from hita.util.files import atomic_write
 
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from hita.util.files import fsync_tree
+
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -45,13 +47,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in path.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def write_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], None],
                      keep_last: int | None = None) -> Path:
     """Call ``write(tmp_folder)`` and rename the folder to ``checkpoints/step_XXXXXXXX`` atomically.
@@ -67,7 +62,7 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Pat
     tmp.mkdir()
     try:
         write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # a rerun over an older copy of this step: swap, then drop the old one
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hita.export.common import psnr
+from hita.util.metrics import psnr
 from hita.export.errors import ArtifactError
 from hita.export.manifest import MANIFEST_NAME, Manifest, load_manifest
+from hita.export.testing import reissue_manifest
 from hita.export.spec import DECODE_STEP, DECODER, GRAPH_NAMES, PREFILL
-from hita.export.testing import tiny_models
+from hita.export.testing import reissue_manifest, tiny_models
 from hita.runtimes.loop import (
     generate_images,
     generate_tokens,
@@ -47,12 +48,9 @@ def aoti(aoti_dir):
 
 
 def _rewrite_manifest(folder: Path, **changes) -> None:
-    """Rewrite manifest.json with ``changes`` and a valid checksum: what a genuine export with other
-    settings (device, torch version) would contain."""
-    raw = json.loads((folder / MANIFEST_NAME).read_text())
-    raw.pop("manifest_sha256")
-    m = dataclasses.replace(Manifest.from_dict(raw), **changes)
-    (folder / MANIFEST_NAME).write_text(m.to_json())
+    """A valid-looking manifest with other settings (device, torch version): what a genuine export
+    elsewhere would contain."""
+    reissue_manifest(folder, **changes)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from hita.export.errors import ParityError, SignatureError
 from hita.export.graphs import build_graph
 from hita.export.manifest import load_manifest
-from hita.export.onnx import export_onnx, onnx_signature, validate_graph
+from hita.export.onnx import export_onnx, onnx_signature, validate_onnx
 from hita.export.spec import DECODE_STEP, DECODER, GRAPH_NAMES, PREFILL, graph_specs
 from hita.export.testing import tiny_models
 
@@ -91,7 +91,7 @@ def test_validation_catches_a_graph_that_differs_from_eager(onnx_dir, specs):
     spec = specs[PREFILL]
     match = r"prefill.onnx: output logits differs .* max \|diff\| .* > tolerance atol 0.0001"
     with pytest.raises(ParityError, match=match):
-        validate_graph(onnx_dir / spec.file_name, build_graph(PREFILL, other_gpt, tok), spec, other_gpt.cfg)
+        validate_onnx(onnx_dir / spec.file_name, build_graph(PREFILL, other_gpt, tok), spec, other_gpt.cfg)
 
 
 def test_signature_check_catches_a_renamed_input(onnx_dir, specs, tmp_path):

@@ -29,7 +29,7 @@ class DemoResult:
 def _cached(artifacts: Path, gpt: Path, tok: Path) -> bool:
     from hita.export.errors import ArtifactError
     from hita.export.manifest import load_manifest
-    from hita.runtimes.factory import exported_from
+    from hita.jobs.sources import exported_from
 
     try:
         m = load_manifest(artifacts, expect_engine="onnx")
@@ -58,7 +58,7 @@ def run_demo(
     from hita.assets import default_model
     from hita.checkpoint import load_gpt, load_tokenizer
     from hita.export.onnx import export_onnx
-    from hita.runtimes.images import save_grid
+    from hita.util.images import save_grid
     from hita.runtimes.loop import generate_images, to_uint8
     from hita.runtimes.onnxrt import OrtExecutor
     from hita.runtimes.parity import check_parity

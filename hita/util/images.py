@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from hita.checkpoint import atomic_write
+from hita.util.files import atomic_write
 
 __all__ = ["save_pngs", "save_grid"]
 

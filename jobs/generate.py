@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from hita.runtimes.executor import StepExecutor
-from hita.runtimes.images import save_grid, save_pngs
+from hita.util.images import save_grid, save_pngs
 from hita.runtimes.loop import generate_images, to_uint8
 from hita.runtimes.sampling import SamplingOptions
 

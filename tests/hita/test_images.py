@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hita.runtimes.images import save_grid, save_pngs
+from hita.util.images import save_grid, save_pngs
 
 
 def _images(n=3, h=8, w=10):
