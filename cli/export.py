@@ -35,12 +35,19 @@ def export(
     """Export the tokenizer decoder, GPT prefill and GPT decode step, with a manifest."""
     from hita.checkpoint import load_gpt, load_tokenizer
     from hita.config import check_pair
+    from hita.export.manifest import check_output_folder, manifest_sha256
+    from hita.runtimes.factory import check_device
 
     if engine is Engine.tensorrt:
         raise ValueError(
             "the tensorrt engine builder is not available in this release (TensorRT cannot be installed "
             "on our machines); export --engine onnx and build with trtexec on the target GPU"
         )
+    if engine is Engine.onnx and device != "cpu":
+        raise ValueError("ONNX graphs are exported and validated on the CPU; drop --device (ONNX Runtime picks "
+                         "the GPU at run time)")
+    check_output_folder(out)  # before loading anything: never replace a folder hita did not write
+    check_device(device)
     gpt_path, tok_path, _ = resolve_checkpoints(gpt, tokenizer)
     tok = load_tokenizer(tok_path, tokenizer_preset, device=device)
     g = load_gpt(gpt_path, gpt_preset, device=device)
@@ -57,6 +64,7 @@ def export(
         export_aoti(g, tok, out, device=device, pos128=pos128.value, dtype=precision.dtype,
                     validate=not skip_validation, checkpoints=sources)
     typer.echo(f"wrote {out} ({engine.value}; {g.cfg.name} + {tok.cfg.name}, {precision.value}, pos128={pos128.value})")
+    typer.echo(f"manifest sha256 {manifest_sha256(out)} (pin it: --expect-manifest-sha256)")
 
 
 def register(app: typer.Typer) -> None:

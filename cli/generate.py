@@ -13,6 +13,8 @@ from hita.runtimes.factory import ARTIFACT_RUNTIMES, Runtime
 GPT_OPT = Annotated[Optional[Path], typer.Option("--gpt", help="GPT checkpoint (.pt or .safetensors). Default: the embedded model.")]
 TOK_OPT = Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer checkpoint. Default: the embedded model.")]
 ART_OPT = Annotated[Optional[Path], typer.Option("--artifacts", help="Folder made by `hita export` (artifact runtimes).")]
+PIN_OPT = Annotated[Optional[str], typer.Option(
+    "--expect-manifest-sha256", help="Run only the export whose manifest.json has this sha256 (`hita export` prints it).")]
 
 
 @user_errors
@@ -31,31 +33,48 @@ def generate(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (CFG doubles the rows).")] = 8,
-    precision: Annotated[Precision, typer.Option(help="GPT precision (torch runtime).")] = Precision.fp32,
-    pos128: Annotated[Pos128, typer.Option(help="Embedding rule at position 128 (torch runtime).")] = Pos128.reference,
+    precision: Annotated[Optional[Precision], typer.Option(help="GPT precision (torch runtime; default fp32).")] = None,
+    pos128: Annotated[Optional[Pos128], typer.Option(help="Embedding rule at position 128 (torch runtime; default reference).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    resize: Annotated[Optional[int], typer.Option(help="Resize outputs (bicubic), e.g. 256 as the reference evaluates.")] = None,
+    resize: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Resize outputs (bicubic), e.g. 256 as the reference evaluates.")] = None,
+    expect_manifest_sha256: PIN_OPT = None,
 ) -> None:
     """Generate class-conditional images (one PNG each, plus grid.png)."""
-    from hita.runtimes.factory import make_executor
-    from hita.jobs.generate import generate_to_dir, parse_classes
+    from hita.jobs.generate import check_output_dir, generate_to_dir, parse_classes
+    from hita.runtimes.factory import check_device, make_executor
     from hita.runtimes.sampling import SamplingOptions
 
+    # Everything the user set is checked before a model is loaded.
     opts = SamplingOptions(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed)
+    check_device(device)
+    if classes is not None:
+        parse_classes(classes, 2**62, per_class)  # syntax and size; ids are checked against the model below
     names = None
     if runtime in ARTIFACT_RUNTIMES:
         if gpt is not None or tokenizer is not None:
             raise ValueError(f"--runtime {runtime.value} runs --artifacts; --gpt/--tokenizer are for the torch runtime")
-        ex = make_executor(runtime, artifacts=artifacts, device=device)
+        if precision is not None or pos128 is not None:
+            raise ValueError(f"--precision and --pos128 were fixed at export; --runtime {runtime.value} reads them "
+                             "from the artifacts' manifest (drop them, or re-export)")
+        if artifacts is None:
+            raise ValueError(f"the {runtime.value} runtime needs --artifacts DIR (made by `hita export`)")
+        check_output_dir(out)
+        ex = make_executor(runtime, artifacts=artifacts, device=device, expect_manifest_sha256=expect_manifest_sha256)
     else:
+        if artifacts is not None:
+            raise ValueError("--artifacts runs with an artifact runtime (--runtime onnxruntime or aoti); "
+                             "the torch runtime runs --gpt/--tokenizer checkpoints")
+        if expect_manifest_sha256 is not None:
+            raise ValueError("--expect-manifest-sha256 pins an artifacts folder; the torch runtime runs checkpoints")
         gpt, tokenizer, names = resolve_checkpoints(gpt, tokenizer)
-        ex = make_executor(runtime, gpt=gpt, tokenizer=tokenizer, device=device, dtype=precision.dtype,
-                           pos128=pos128.value)
+        check_output_dir(out)
+        ex = make_executor(runtime, gpt=gpt, tokenizer=tokenizer, device=device,
+                           dtype=(precision or Precision.fp32).dtype, pos128=(pos128 or Pos128.reference).value)
     n_classes = ex.gpt_config.num_classes
     if classes is None:
         if n_classes > 100:
-            raise ValueError("pass --classes (this GPT has 1000 classes), e.g. --classes 207,360,387")
+            raise ValueError(f"pass --classes (this GPT has {n_classes} classes), e.g. --classes 0,1,2")
         classes = f"0-{n_classes - 1}"
     ids = parse_classes(classes, n_classes, per_class)
     res = generate_to_dir(ex, ids, opts, out, batch_size=batch_size, resize=resize, class_names=names,

@@ -57,6 +57,7 @@ __all__ = [
     "write_artifacts",
     "load_manifest",
     "manifest_sha256",
+    "check_unchanged",
     "is_hita_folder",
 ]
 
@@ -270,7 +271,7 @@ def is_hita_folder(path: str | os.PathLike) -> bool:
     if not present:
         return True
     try:
-        m = load_manifest(path, verify_files=False, _policy=False)
+        m = _read_manifest(path, None, "re-run `hita export`")
     except ArtifactError:
         return False
     return present == set(m.files) | set(_RESERVED)
@@ -401,36 +402,30 @@ def _require_pin(engine: str, expect_sha256: str | None, root: Path) -> None:
         )
 
 
-def load_manifest(
-    artifacts_dir: str | os.PathLike,
-    expect_engine: str | None = None,
-    *,
-    verify_files: bool = True,
-    expect_sha256: str | None = None,
-    _policy: bool = True,
-) -> Manifest:
-    """Open an artifacts folder and prove that its files are the ones exported.
+def _fingerprint(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
-    Checks, in order: the folder, ``manifest.json`` and ``manifest.sha256`` exist; the manifest's
-    bytes hash to the recorded checksum (and to ``expect_sha256`` when pinned); it parses, has this
-    format version and well-typed fields; the engine kind is ``expect_engine``; the pin policy
-    (:data:`PIN_ENV`); every listed file exists with the recorded size and sha256.
 
-    Args:
-        artifacts_dir: the folder written by :func:`write_artifacts`.
-        expect_engine: refuse a folder of another engine kind (``"onnx"``, ...); ``None`` accepts any.
-        verify_files: hash every file (seconds for multi-GB engines); ``False`` checks sizes only.
-        expect_sha256: the pinned sha256 of ``manifest.json`` (:func:`manifest_sha256` of the
-            reviewed export); any other manifest is refused.
-    Returns:
-        The :class:`Manifest`.
+def check_unchanged(root: str | os.PathLike, fingerprints: Mapping[str, tuple[int, int, int]]) -> None:
+    """Refuse files that changed since :func:`load_manifest` verified them (call after loading).
+
     Raises:
-        ArtifactError: one line naming the file, the cause and the fix.
+        ArtifactError: a file was replaced or modified in between.
     """
-    root = Path(artifacts_dir)
-    fix = f"re-run `hita export --engine {expect_engine or '<engine>'}`"
-    if not root.is_dir():
-        raise ArtifactError(f"{root}: no such artifacts folder; create it with `hita export`")
+    for name, fp in fingerprints.items():
+        try:
+            now = _fingerprint(Path(root) / name)
+        except OSError:
+            now = None
+        if now != fp:
+            raise ArtifactError(
+                f"{name}: changed while it was being loaded (replaced by another process?); load the folder again"
+            )
+
+
+def _read_manifest(root: Path, expect_sha256: str | None, fix: str) -> Manifest:
+    """The manifest of ``root``, its bytes checked against ``manifest.sha256`` (and the pin)."""
     mpath, cpath = root / MANIFEST_NAME, root / CHECKSUM_NAME
     if not mpath.is_file():
         raise ArtifactError(
@@ -463,15 +458,51 @@ def load_manifest(
             f"{mpath}: format version {version!r}, this hita reads version {FORMAT_VERSION}; "
             f"re-export with this hita ({fix})"
         )
-    manifest = Manifest.from_dict(raw)
+    return Manifest.from_dict(raw)
+
+
+def load_manifest(
+    artifacts_dir: str | os.PathLike,
+    expect_engine: str | None = None,
+    *,
+    verify_files: bool = True,
+    expect_sha256: str | None = None,
+    fingerprints: dict[str, tuple[int, int, int]] | None = None,
+) -> Manifest:
+    """Open an artifacts folder and prove that its files are the ones exported.
+
+    Checks, in order: the folder, ``manifest.json`` and ``manifest.sha256`` exist; the manifest's
+    bytes hash to the recorded checksum (and to ``expect_sha256`` when pinned); it parses, has this
+    format version and well-typed fields; the engine kind is ``expect_engine``; the pin policy
+    (:data:`PIN_ENV`); every listed file exists with the recorded size and sha256.
+
+    Args:
+        artifacts_dir: the folder written by :func:`write_artifacts`.
+        expect_engine: refuse a folder of another engine kind (``"onnx"``, ...); ``None`` accepts any.
+        verify_files: hash every file (seconds for multi-GB engines); ``False`` checks sizes only.
+        expect_sha256: the pinned sha256 of ``manifest.json`` (:func:`manifest_sha256` of the
+            reviewed export); any other manifest is refused.
+        fingerprints: filled with each file's (inode, size, mtime) taken *before* it was hashed;
+            a runtime calls :func:`check_unchanged` after loading the files, so a file swapped
+            between the check and the load is caught.
+    Returns:
+        The :class:`Manifest`.
+    Raises:
+        ArtifactError: one line naming the file, the cause and the fix.
+    """
+    root = Path(artifacts_dir)
+    fix = f"re-run `hita export --engine {expect_engine or '<engine>'}`"
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: no such artifacts folder; create it with `hita export`")
+    manifest = _read_manifest(root, expect_sha256, fix)
+    mpath = root / MANIFEST_NAME
     fix = f"re-run `hita export --engine {manifest.engine}`"
     if expect_engine is not None and manifest.engine != expect_engine:
         raise ArtifactError(
             f"{root}: holds a {manifest.engine!r} export, expected {expect_engine!r}; point to an "
             f"{expect_engine} artifacts folder or run `hita export --engine {expect_engine}`"
         )
-    if _policy:
-        _require_pin(manifest.engine, expect_sha256, root)
+    _require_pin(manifest.engine, expect_sha256, root)
     for graph, info in manifest.graphs.items():
         if info["file"] not in manifest.files:
             raise ArtifactError(f"{mpath}: graph {graph!r} names {info['file']!r}, which is not listed; {fix}")
@@ -479,7 +510,10 @@ def load_manifest(
         path = root / name
         if path.is_symlink() or not path.is_file():
             raise ArtifactError(f"{name}: missing from {root} (or not a plain file); {fix}")
-        size = path.stat().st_size
+        fp = _fingerprint(path)
+        if fingerprints is not None:
+            fingerprints[name] = fp
+        size = fp[1]
         if size != entry["size"]:
             raise ArtifactError(
                 f"{name}: {size} bytes, manifest says {entry['size']} (truncated or replaced after export); {fix}"

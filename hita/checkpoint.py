@@ -281,7 +281,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, preset: str | None =
 
     Returns:
         (kind, config) of the converted model.
+    Raises:
+        CheckpointError: ``dst`` is ``src`` (or a link to it), or is a folder.
     """
+    dst_p = Path(dst)
+    if dst_p.is_dir():
+        raise CheckpointError(f"{dst}: is a folder; give an output file such as {dst_p / 'model.safetensors'}")
+    if dst_p.exists() and Path(src).exists() and os.path.samefile(src, dst_p):
+        raise CheckpointError(f"{dst}: is the source checkpoint; write the converted file under another name")
     sd, meta = read_checkpoint(src)
     kind: Kind = meta.get("hita_kind") or guess_kind(sd)  # type: ignore[assignment]
     model = load_model(src, kind, preset)

@@ -1,6 +1,18 @@
-"""Generate many images through any executor and write them as PNG files plus a labelled grid."""
+"""Generate many images through any executor and write them as PNG files plus a labelled grid.
+
+Everything a user can set is checked before a model is loaded or a step is run: the class list is
+bounded before it is expanded, the output folder must be creatable and writable, the batch must fit
+in memory. Images are written batch by batch (never all held in RAM); the grid keeps at most
+:data:`GRID_MAX` images. ``complete.json`` is written last, so a folder without it is a partial run
+(interrupted, or failed) and says so.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -8,9 +20,28 @@ from typing import Sequence
 import torch
 
 from hita.runtimes.executor import StepExecutor
-from hita.util.images import save_grid, save_pngs
 from hita.runtimes.loop import generate_images, to_uint8
 from hita.runtimes.sampling import SamplingOptions
+from hita.util.files import atomic_write
+from hita.util.images import save_grid, save_pngs
+
+__all__ = [
+    "GenerationOutput",
+    "generate_to_dir",
+    "parse_classes",
+    "check_output_dir",
+    "check_batch_fits",
+    "MAX_IMAGES",
+    "MAX_RESIZE",
+    "GRID_MAX",
+    "MARKER",
+]
+
+MAX_IMAGES = 1_000_000      # one run; FID-50k runs fit 20 times over
+MAX_RESIZE = 4096           # pixels per side
+GRID_MAX = 256              # images shown in grid.png (the PNG files hold them all)
+MARKER = "complete.json"
+_RANGE = re.compile(r"^(-?\d{1,18})(?:\s*-\s*(-?\d{1,18}))?$")
 
 
 @dataclass(frozen=True)
@@ -19,6 +50,61 @@ class GenerationOutput:
     grid: Path
     class_ids: list[int]
     seconds: float
+
+
+def check_output_dir(out_dir: str | Path, create: bool = False) -> Path:
+    """Prove ``out_dir`` can take files before any work: it is a folder (or can be made in a
+    writable folder). Creates it only with ``create``, so a refused command leaves nothing behind.
+
+    Raises:
+        ValueError: it is a file or device, or it (or the folder it would go in) is not writable.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder; choose a folder path")
+    base = out
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out {out}: {base} is not a folder; choose a folder path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {base} is not writable; choose a writable folder")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot create it ({e.strerror or e}); choose a writable folder") from None
+    return out
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_batch_fits(executor: StepExecutor, batch_size: int, use_cfg: bool) -> None:
+    """Refuse a batch whose KV cache alone exceeds the memory this machine has free.
+
+    Raises:
+        ValueError: with the estimate and the largest batch that fits.
+    """
+    rows = batch_size * (2 if use_cfg else 1)
+    need = executor.kv_cache_bytes(rows)
+    free = _available_memory() if executor.device.type == "cpu" else None
+    if executor.device.type == "cuda":
+        free = torch.cuda.mem_get_info(executor.device)[0]
+    if free is not None and need > 0.8 * free:
+        per = max(1, executor.kv_cache_bytes(2 if use_cfg else 1))
+        raise ValueError(
+            f"--batch-size {batch_size}: the KV cache needs {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB "
+            f"are free; use --batch-size {max(1, int(0.8 * free) // per)} or less"
+        )
 
 
 def generate_to_dir(
@@ -36,61 +122,87 @@ def generate_to_dir(
     """Generate one image per entry of ``class_ids``, in batches, and save PNGs and a grid.
 
     Every image draws its noise by its global index (``row_offset``), so the files depend neither on
-    the batch size nor on the runtime (equal logits draw equal tokens).
+    the batch size nor on the runtime (equal logits draw equal tokens). The PNGs of a batch are
+    written as soon as it is done; ``complete.json`` (the files, the options) is written last.
 
     Args:
         resize: optional output size (the reference evaluates at 256 from the 336 decoder output).
         class_names: label per class id for the grid; defaults to the ids.
         nrow: images per grid row; defaults to one row per distinct class when the ids are grouped.
     """
-    import time
-
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
     ids = list(class_ids)
     if not ids:
         raise ValueError("no class ids given; pass --classes 1,2,3")
+    if len(ids) > MAX_IMAGES:
+        raise ValueError(f"{len(ids)} images requested; one run makes at most {MAX_IMAGES}")
+    if resize is not None and not 1 <= resize <= MAX_RESIZE:
+        raise ValueError(f"--resize {resize} must be in 1..{MAX_RESIZE}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    out = check_output_dir(out_dir, create=True)
+    check_batch_fits(executor, min(batch_size, len(ids)), opts.use_cfg)
+    (out / MARKER).unlink(missing_ok=True)  # this folder is partial until the run ends
     start = time.perf_counter()
-    chunks = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
-    images = []
-    bar = tqdm(total=len(ids), desc="images", unit="img", disable=not progress or len(chunks) == 1)
-    for b, chunk in enumerate(chunks):
+    names = [f"{i:04d}_class{c}.png" for i, c in enumerate(ids)]
+    pngs: list[Path] = []
+    shown: list[torch.Tensor] = []
+    bar = tqdm(total=len(ids), desc="images", unit="img", disable=not progress or len(ids) <= batch_size)
+    for a in range(0, len(ids), batch_size):
+        chunk = ids[a : a + batch_size]
         imgs, _ = generate_images(executor, torch.tensor(chunk, dtype=torch.long), opts,
-                                  progress=progress, row_offset=b * batch_size)
-        images.append(to_uint8(imgs, size=resize))
+                                  progress=progress and len(ids) <= batch_size, row_offset=a)
+        u8 = to_uint8(imgs, size=resize)                                    # [b, H, W, 3]
+        pngs += save_pngs(u8, out, names[a : a + len(chunk)])
+        if sum(len(t) for t in shown) < GRID_MAX:
+            shown.append(u8[: GRID_MAX - sum(len(t) for t in shown)])
         bar.update(len(chunk))
     bar.close()
-    u8 = torch.cat(images)
-    names = [f"{i:04d}_class{c}.png" for i, c in enumerate(ids)]
-    pngs = save_pngs(u8, out_dir, names)
-    label = {c: (class_names[c] if class_names and c < len(class_names) else str(c)) for c in ids}
+    grid_ids = ids[: sum(len(t) for t in shown)]
+    label = {c: (class_names[c] if class_names and c < len(class_names) else str(c)) for c in grid_ids}
     if nrow is None:
-        per_class = [ids.count(c) for c in dict.fromkeys(ids)]
-        grouped = all(n == per_class[0] for n in per_class) and ids == sorted(ids, key=ids.index)
-        nrow = per_class[0] if grouped and len(per_class) > 1 else min(len(ids), 8)
-    grid = save_grid(u8, out_dir / "grid.png", nrow=nrow, labels=[label[c] for c in ids])
-    return GenerationOutput(pngs, grid, ids, time.perf_counter() - start)
+        per_class = [grid_ids.count(c) for c in dict.fromkeys(grid_ids)]
+        grouped = all(n == per_class[0] for n in per_class) and grid_ids == sorted(grid_ids, key=grid_ids.index)
+        nrow = per_class[0] if grouped and len(per_class) > 1 else min(len(grid_ids), 8)
+    grid = save_grid(torch.cat(shown), out / "grid.png", nrow=nrow, labels=[label[c] for c in grid_ids])
+    seconds = time.perf_counter() - start
+    marker = {"images": len(ids), "files": names, "class_ids": ids, "runtime": executor.name,
+              "options": dataclasses.asdict(opts), "resize": resize,
+              "seconds": round(seconds, 2)}
+    atomic_write(out / MARKER, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1, default=str)))
+    return GenerationOutput(pngs, grid, ids, seconds)
 
 
 def parse_classes(spec: str, num_classes: int, per_class: int = 1) -> list[int]:
-    """``"1,2,5-7"`` → [1, 2, 5, 6, 7] (each repeated ``per_class`` times), validated."""
-    ids: list[int] = []
+    """``"1,2,5-7"`` → [1, 2, 5, 6, 7] (each repeated ``per_class`` times), validated.
+
+    Every id and range is checked against ``num_classes`` *before* anything is expanded, and the
+    total against :data:`MAX_IMAGES`, so a typo such as ``0-300000000`` fails at once.
+    """
+    if not 1 <= per_class <= MAX_IMAGES:
+        raise ValueError(f"--per-class {per_class} must be in 1..{MAX_IMAGES}")
+    ranges: list[tuple[int, int]] = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                ids.extend(range(int(a), int(b) + 1))
-            else:
-                ids.append(int(part))
-        except ValueError:
-            raise ValueError(f"cannot read class list {spec!r}; use e.g. --classes 1,2,5-7") from None
-    bad = [c for c in ids if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(f"class id {bad[0]} out of range [0, {num_classes}) for this GPT; pick ids below {num_classes}")
-    if not ids:
+        m = _RANGE.match(part)
+        if m is None:
+            raise ValueError(f"cannot read class list {spec!r}; use e.g. --classes 1,2,5-7")
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else int(m.group(2))
+        if hi < lo:
+            raise ValueError(f"class range {part!r} runs backwards; write it as {hi}-{lo}")
+        for c in (lo, hi):
+            if not 0 <= c < num_classes:
+                raise ValueError(
+                    f"class id {c} out of range [0, {num_classes}) for this GPT; pick ids below {num_classes}"
+                )
+        ranges.append((lo, hi))
+    if not ranges:
         raise ValueError("no class ids given; pass --classes 1,2,3")
-    return [c for c in ids for _ in range(per_class)]
+    total = sum(hi - lo + 1 for lo, hi in ranges) * per_class
+    if total > MAX_IMAGES:
+        raise ValueError(f"{total} images requested; one run makes at most {MAX_IMAGES}")
+    return [c for lo, hi in ranges for c in range(lo, hi + 1) for _ in range(per_class)]

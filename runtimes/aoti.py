@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from hita.export.errors import ArtifactError
-from hita.export.manifest import Manifest, load_manifest
-from hita.export.spec import DECODE_STEP, DECODER, PREFILL
+from hita.export.manifest import Manifest, check_unchanged, load_manifest
+from hita.export.spec import DECODE_STEP, DECODER, DTYPES, PREFILL
 
 from .executor import StepExecutor
 
@@ -83,6 +83,7 @@ class AotiExecutor(StepExecutor):
         artifacts_dir: folder written by :func:`hita.export.aoti.export_aoti`.
         device: ``"cpu"`` or ``"cuda[:i]"``; must match the device kind the packages were built for.
         verify_files: hash every file against the manifest (``False`` checks sizes only).
+        expect_manifest_sha256: pin: refuse any manifest but this one (``.pt2`` files are code).
     Raises:
         ArtifactError: missing/changed files, another engine, device kind or torch version.
         ValueError: a bad device string.
@@ -90,10 +91,13 @@ class AotiExecutor(StepExecutor):
 
     name = "aoti"
 
-    def __init__(self, artifacts_dir: str | Path, device: str | torch.device = "cpu", *, verify_files: bool = True):
+    def __init__(self, artifacts_dir: str | Path, device: str | torch.device = "cpu", *, verify_files: bool = True,
+                 expect_manifest_sha256: str | None = None):
         self.device = _device(device)
         self.root = Path(artifacts_dir)
-        self.manifest = load_manifest(self.root, expect_engine="aoti", verify_files=verify_files)
+        fingerprints: dict = {}
+        self.manifest = load_manifest(self.root, expect_engine="aoti", verify_files=verify_files,
+                                      expect_sha256=expect_manifest_sha256, fingerprints=fingerprints)
         check_aoti_manifest(self.manifest, self.root, self.device)
         self.gpt_config = self.manifest.gpt_cfg
         self.tokenizer_config = self.manifest.tokenizer_cfg
@@ -102,6 +106,8 @@ class AotiExecutor(StepExecutor):
         self._prefill = self._load(PREFILL, index)
         self._decode = self._load(DECODE_STEP, index)
         self._decoder = self._load(DECODER, index)
+        check_unchanged(self.root, fingerprints)
+        self.kv_itemsize = DTYPES[self.manifest.precision].itemsize
         self._cache: tuple[torch.Tensor, ...] | None = None
         self._batch = 0
 

@@ -13,6 +13,19 @@ rows)::
     for pos in 1 .. n_holistic + n_patch - 1:
         logits = ex.decode(prev_tokens, pos)        # feeds token pos-1 at position pos
     images = ex.decode_image(holistic_ids, patch_ids)
+
+What an executor declares so the loop, servers and GPUs can use it without knowing its backend:
+
+- ``device``: where its logits live. The loop casts them to float32 *there* and samples there
+  (:func:`~hita.runtimes.sampling.sample` runs on any device), so a GPU executor never syncs on a
+  host copy per token; ``sampling="host"`` (parity mode) copies float32 logits to the CPU instead.
+- ``max_rows``: the most rows one :meth:`StepExecutor.start` accepts (an engine's profile maximum),
+  ``None`` for no limit. The loop splits a request into chunks that fit, CFG rows counted; every
+  image keeps its noise row, so chunking never changes an image.
+- ``batch_buckets``: row counts the executor is built or captured for (CUDA graphs, engine
+  profiles); ``()`` means any. The loop prefers the largest bucket that fits when it chunks.
+- :meth:`StepExecutor.kv_cache_bytes`: memory one sequence of ``rows`` rows needs, so callers can
+  refuse a batch that cannot fit before allocating it.
 """
 from __future__ import annotations
 
@@ -43,6 +56,34 @@ class StepExecutor(ABC):
     gpt_config: GPTConfig
     tokenizer_config: TokenizerConfig | None
     name: str
+    device: torch.device = torch.device("cpu")
+    max_rows: int | None = None
+    batch_buckets: tuple[int, ...] = ()
+    kv_itemsize: int = 4
+
+    def kv_cache_bytes(self, rows: int) -> int:
+        """Bytes of the KV cache for ``rows`` rows (k and v, every layer, the static length)."""
+        c = self.gpt_config
+        return 2 * c.n_layer * rows * c.n_head * c.cache_len * c.head_dim * self.kv_itemsize
+
+    def chunk_rows(self, rows_per_image: int) -> int | None:
+        """Images per chunk so that ``images * rows_per_image`` fits ``max_rows`` (largest bucket
+        that fits when buckets are declared); ``None`` when there is no limit.
+
+        Raises:
+            ValueError: not even one image fits.
+        """
+        fits = [b for b in self.batch_buckets if b % rows_per_image == 0 and
+                (self.max_rows is None or b <= self.max_rows)]
+        cap = max(fits) if fits else self.max_rows
+        if cap is None:
+            return None
+        if cap < rows_per_image:
+            raise ValueError(
+                f"{self.name} runs at most {cap} rows per step, and one image needs {rows_per_image} "
+                "(CFG doubles the rows); rebuild the engine with a larger batch or set --cfg-scale 1"
+            )
+        return cap // rows_per_image
 
     @abstractmethod
     def start(self, batch: int) -> None:

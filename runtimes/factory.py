@@ -34,6 +34,7 @@ def make_executor(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     pos128: str = "reference",
+    expect_manifest_sha256: str | None = None,
 ) -> StepExecutor:
     """Return a ready executor.
 
@@ -41,9 +42,13 @@ def make_executor(
         runtime: one of ``Runtime``.
         gpt, tokenizer: checkpoint paths (released ``.pt`` or our ``.safetensors``); torch runtime.
         artifacts: an exported artifacts folder (manifest-checked); artifact runtimes.
+        expect_manifest_sha256: pin the reviewed export (artifact runtimes; refused for torch).
     """
     runtime = Runtime(runtime)
+    check_device(device)
     if runtime is Runtime.torch:
+        if expect_manifest_sha256 is not None:
+            raise ValueError("--expect-manifest-sha256 pins an artifacts folder; the torch runtime runs checkpoints")
         if gpt is None or tokenizer is None:
             raise ValueError("the torch runtime needs --gpt and --tokenizer checkpoints")
         from hita.checkpoint import load_gpt, load_tokenizer
@@ -59,27 +64,50 @@ def make_executor(
     if runtime is Runtime.onnxruntime:
         from hita.runtimes.onnxrt import OrtExecutor
 
-        return OrtExecutor(artifacts)
+        return OrtExecutor(artifacts, expect_manifest_sha256=expect_manifest_sha256)
     if runtime is Runtime.aoti:
         from hita.runtimes.aoti import AotiExecutor
 
-        return AotiExecutor(artifacts, device=device)
+        return AotiExecutor(artifacts, device=device, expect_manifest_sha256=expect_manifest_sha256)
     raise ValueError(
         "the tensorrt runtime is not available in this release (no TensorRT executor yet); run the "
         "folder's ONNX export with --runtime onnxruntime"
     )
 
 
-def engine_of(artifacts: str | Path) -> str:
-    """The engine kind recorded in an artifacts folder's manifest (files verified)."""
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, refused up front when this machine cannot run it.
+
+    Raises:
+        ValueError: not ``cpu`` / ``cuda[:i]``, or CUDA asked for where torch has none.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but this torch build has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def engine_of(artifacts: str | Path, expect_manifest_sha256: str | None = None) -> str:
+    """The engine kind recorded in an artifacts folder's manifest (sizes checked, pin honoured)."""
     from hita.export.manifest import load_manifest
 
-    return load_manifest(artifacts, verify_files=False).engine
+    return load_manifest(artifacts, verify_files=False, expect_sha256=expect_manifest_sha256).engine
 
 
 _ENGINE_RUNTIME = {"onnx": Runtime.onnxruntime, "aoti": Runtime.aoti, "tensorrt": Runtime.tensorrt}
 
 
-def executor_for_artifacts(artifacts: str | Path, device: str = "cpu") -> StepExecutor:
+def executor_for_artifacts(
+    artifacts: str | Path, device: str = "cpu", expect_manifest_sha256: str | None = None
+) -> StepExecutor:
     """The executor that runs an artifacts folder, chosen by its manifest's engine kind."""
-    return make_executor(_ENGINE_RUNTIME[engine_of(artifacts)], artifacts=artifacts, device=device)
+    return make_executor(_ENGINE_RUNTIME[engine_of(artifacts, expect_manifest_sha256)], artifacts=artifacts, device=device,
+                         expect_manifest_sha256=expect_manifest_sha256)

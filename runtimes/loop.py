@@ -19,8 +19,12 @@ guided; decode step ``i = pos - 1`` is guided unless ``cfg_interval > -1 and i >
 which case the conditional rows' logits are used alone (the null rows keep being fed, as in the
 reference, so their cache stays consistent).
 
-The loop casts logits to float32 on the host before any arithmetic so every backend samples with
-the same numbers; executors never sample.
+The loop casts logits to float32 before any arithmetic so every backend samples with the same
+numbers; executors never sample. Where: ``sampling="device"`` (default) keeps logits, tokens and the
+draw on the executor's device (for CPU executors that is the host), so a GPU step needs no host
+sync; ``sampling="host"`` copies float32 logits to the CPU first (parity mode: the same arithmetic
+on the same device for every backend). Requests larger than the executor's ``max_rows`` run in
+chunks; each image keeps its global noise row, so chunking never changes an image.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ __all__ = [
 ]
 
 Progress = bool | Callable[[int, int], None]
+SAMPLING_PLACES = ("device", "host")
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,17 +81,18 @@ def _host_f32(logits: torch.Tensor) -> torch.Tensor:
     return logits.detach().to("cpu", torch.float32)
 
 
-def guided_logits(raw: torch.Tensor, opts: SamplingOptions, step: int) -> torch.Tensor:
+def guided_logits(raw: torch.Tensor, opts: SamplingOptions, step: int, host: bool = True) -> torch.Tensor:
     """Reduce an executor's output to the logits sampled from at one step.
 
     Args:
         raw: ``[B, V]`` executor logits; ``B = 2n`` when ``opts.use_cfg`` (cond rows first).
         opts: sampling options (cfg_scale, cfg_interval).
         step: decode step index ``pos - 1``; ``-1`` for the prefill.
+        host: copy to the CPU (parity mode); else stay on the logits' device.
     Returns:
-        float32 CPU ``[n, V]``.
+        float32 ``[n, V]`` on the CPU (``host``) or the logits' device.
     """
-    raw = _host_f32(raw)                                                      # [B, V]
+    raw = _host_f32(raw) if host else raw.detach().float()                   # [B, V]
     if not opts.use_cfg:
         return raw
     if opts.cfg_active(step):
@@ -94,25 +100,26 @@ def guided_logits(raw: torch.Tensor, opts: SamplingOptions, step: int) -> torch.
     return raw[: raw.shape[0] // 2]                                           # cond rows only
 
 
-def prefill(executor: StepExecutor, class_ids: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+def prefill(executor: StepExecutor, class_ids: torch.Tensor, opts: SamplingOptions, host: bool = True) -> torch.Tensor:
     """Start a sequence: allocate the cache and run position 0 for every image.
 
     Args:
         executor: the backend.
         class_ids: int64 ``[n]`` (already validated).
         opts: sampling options; with ``opts.use_cfg`` the null-class rows are appended.
+        host: as in :func:`guided_logits`.
     Returns:
-        float32 CPU ``[n, V]`` logits for holistic token 0 (always guided when CFG is on).
+        float32 ``[n, V]`` logits for holistic token 0 (always guided when CFG is on).
     """
     if opts.use_cfg:
         null = torch.full_like(class_ids, executor.gpt_config.null_class)
         class_ids = torch.cat([class_ids, null])                              # [2n]
     executor.start(class_ids.shape[0])
-    return guided_logits(executor.prefill(class_ids), opts, step=-1)
+    return guided_logits(executor.prefill(class_ids), opts, step=-1, host=host)
 
 
 def decode_one_token(
-    executor: StepExecutor, tokens: torch.Tensor, pos: int, opts: SamplingOptions
+    executor: StepExecutor, tokens: torch.Tensor, pos: int, opts: SamplingOptions, host: bool = True
 ) -> torch.Tensor:
     """Feed the previous token at ``pos`` and return the logits for sequence index ``pos``.
 
@@ -121,12 +128,13 @@ def decode_one_token(
         tokens: int64 ``[n]``, the tokens at sequence index ``pos - 1``.
         pos: position in ``1 .. n_holistic + n_patch - 1``.
         opts: sampling options (CFG rows are fed the same tokens).
+        host: as in :func:`guided_logits`.
     Returns:
-        float32 CPU ``[n, V]``.
+        float32 ``[n, V]``.
     """
     if opts.use_cfg:
         tokens = torch.cat([tokens, tokens])                                  # [2n]
-    return guided_logits(executor.decode(tokens, pos), opts, step=pos - 1)
+    return guided_logits(executor.decode(tokens, pos), opts, step=pos - 1, host=host)
 
 
 class _Progress:
@@ -160,6 +168,7 @@ def generate_tokens(
     progress: Progress = False,
     record_logits: bool = False,
     row_offset: int = 0,
+    sampling: str = "device",
 ) -> GenerationResult:
     """Generate ``n_holistic + n_patch`` tokens per class id.
 
@@ -173,31 +182,67 @@ def generate_tokens(
         row_offset: global index of the first row for the noise stream; image ``r`` of this call
             uses noise row ``row_offset + r``, so splitting a batch with matching offsets gives the
             same images.
+        sampling: ``"device"`` (sample where the executor's logits live) or ``"host"`` (float32
+            logits copied to the CPU first: parity mode). Equal logits draw equal tokens either way.
     Returns:
         :class:`GenerationResult` with CPU tensors.
     Raises:
-        ValueError: a class id out of range.
+        ValueError: a class id out of range, or an unknown ``sampling``.
     """
+    if sampling not in SAMPLING_PLACES:
+        raise ValueError(f"sampling must be one of {SAMPLING_PLACES}, got {sampling!r}")
     cfg = executor.gpt_config
     ids = validate_class_ids(class_ids, cfg.num_classes)                     # [n]
     n, L = ids.shape[0], cfg.seq_len
-    noise = NoiseStream(opts.seed)
+    per = executor.chunk_rows(2 if opts.use_cfg else 1) or n
     tokens = torch.empty(n, L, dtype=torch.int64)                            # [n, L]
     recorded = torch.empty(n, L, cfg.vocab_size, dtype=torch.float32) if record_logits else None
-    bar = _Progress(progress, L, desc=f"{executor.name} tokens")
+    chunks = [(a, min(a + per, n)) for a in range(0, n, per)]
+    bar = _Progress(progress, L * len(chunks), desc=f"{executor.name} tokens")
     try:
-        logits = prefill(executor, ids, opts)                                 # [n, V]
-        for t in range(L):
-            if t > 0:
-                logits = decode_one_token(executor, tokens[:, t - 1], t, opts)
-            if recorded is not None:
-                recorded[:, t] = logits
-            tokens[:, t] = sample(logits, opts, noise.uniform(t, n, row_offset))
-            bar.update()
+        for a, b in chunks:
+            _generate_chunk(executor, ids[a:b], opts, row_offset + a, sampling == "host", bar,
+                            tokens[a:b], None if recorded is None else recorded[a:b])
     finally:
         bar.close()
     nh = cfg.n_holistic
     return GenerationResult(ids, tokens, tokens[:, :nh], tokens[:, nh:], recorded)
+
+
+def _generate_chunk(
+    executor: StepExecutor,
+    ids: torch.Tensor,
+    opts: SamplingOptions,
+    row_offset: int,
+    host: bool,
+    bar: _Progress,
+    out: torch.Tensor,
+    recorded: torch.Tensor | None,
+) -> None:
+    """One sequence of ``len(ids)`` images that fits the executor; writes ``out`` [m, L] in place."""
+    m, L = ids.shape[0], executor.gpt_config.seq_len
+    noise = NoiseStream(opts.seed)
+    dev = torch.device("cpu") if host else executor.device
+    tokens = torch.empty(m, L, dtype=torch.int64, device=dev)               # [m, L] on the sampling device
+    finite = torch.ones((), dtype=torch.bool, device=dev)                   # NaN guard without a sync per step
+    logits = prefill(executor, ids, opts, host=host)                          # [m, V]
+    for t in range(L):
+        if t > 0:
+            logits = decode_one_token(executor, tokens[:, t - 1], t, opts, host=host)
+        if recorded is not None:
+            recorded[:, t] = logits.cpu()
+        u = noise.uniform(t, m, row_offset)                                   # float64 [m], host
+        if dev.type == "cpu":
+            tokens[:, t] = sample(logits, opts, u)
+        else:
+            finite &= torch.isfinite(logits).any(dim=-1).all()
+            tokens[:, t] = sample(logits, opts, u.to(dev, non_blocking=True), check=False)
+        bar.update()
+    if not bool(finite):
+        raise FloatingPointError(
+            f"{executor.name} returned NaN or infinite logits; check the model dtype/weights, or run the eager executor"
+        )
+    out.copy_(tokens.cpu())
 
 
 def teacher_forced(
@@ -245,6 +290,7 @@ def generate_images(
     opts: SamplingOptions,
     progress: Progress = False,
     row_offset: int = 0,
+    sampling: str = "device",
 ) -> tuple[torch.Tensor, GenerationResult]:
     """Generate tokens and decode them to pixels.
 
@@ -254,10 +300,11 @@ def generate_images(
         opts: sampling options.
         progress: as in :func:`generate_tokens`.
         row_offset: as in :func:`generate_tokens`.
+        sampling: as in :func:`generate_tokens`.
     Returns:
         ``(images, result)``: float32 CPU ``[n, 3, H, W]`` unclamped, and the tokens.
     """
-    result = generate_tokens(executor, class_ids, opts, progress=progress, row_offset=row_offset)
+    result = generate_tokens(executor, class_ids, opts, progress=progress, row_offset=row_offset, sampling=sampling)
     images = executor.decode_image(result.holistic_ids, result.patch_ids)   # [n, 3, H, W]
     return images.detach().to("cpu", torch.float32), result
 

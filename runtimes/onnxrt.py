@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from hita.export.errors import ArtifactError, SignatureError
-from hita.export.manifest import Manifest, load_manifest
-from hita.export.spec import DECODE_STEP, DECODER, PREFILL, GraphSignature, TensorSpec, graph_specs
+from hita.export.manifest import Manifest, check_unchanged, load_manifest
+from hita.export.spec import DECODE_STEP, DECODER, DTYPES, PREFILL, GraphSignature, TensorSpec, graph_specs
 
 from .executor import StepExecutor
 
@@ -89,6 +89,7 @@ class OrtExecutor(StepExecutor):
         kv_binding: ``"auto"``, ``"inplace"`` or ``"pingpong"`` (see the module docstring).
         verify_files: hash every artifact file on load (``False``: sizes only; faster for multi-GB
             folders that were verified before).
+        expect_manifest_sha256: pin: refuse any manifest but this one.
     Raises:
         ArtifactError: the folder or manifest fails verification, or a file cannot be loaded.
         SignatureError: a graph's declared I/O differs from the manifest.
@@ -104,11 +105,14 @@ class OrtExecutor(StepExecutor):
         threads: int | None = None,
         kv_binding: str = "auto",
         verify_files: bool = True,
+        expect_manifest_sha256: str | None = None,
     ) -> None:
         if kv_binding not in KV_BINDINGS:
             raise ValueError(f"kv_binding must be one of {KV_BINDINGS}, got {kv_binding!r}")
         self.artifacts_dir = Path(artifacts_dir)
-        self.manifest = load_manifest(self.artifacts_dir, expect_engine="onnx", verify_files=verify_files)
+        fingerprints: dict = {}
+        self.manifest = load_manifest(self.artifacts_dir, expect_engine="onnx", verify_files=verify_files,
+                                      expect_sha256=expect_manifest_sha256, fingerprints=fingerprints)
         self.gpt_config, self.tokenizer_config = _configs(self.manifest)
         self.specs = graph_specs(self.tokenizer_config, self.gpt_config, dtype=self.manifest.precision)
         for graph, spec in self.specs.items():
@@ -127,8 +131,11 @@ class OrtExecutor(StepExecutor):
             so.inter_op_num_threads = 1
         providers = list(providers) if providers is not None else _default_providers(ort)
         self._sessions = {g: self._open(g, so, providers) for g in (DECODER, PREFILL, DECODE_STEP)}
+        check_unchanged(self.artifacts_dir, fingerprints)
         self.providers = self._sessions[DECODE_STEP].get_providers()
         self.device_type, self.device_id = _device_of(self._sessions[DECODE_STEP])
+        self.device = torch.device(self.device_type, self.device_id) if self.device_type == "cuda" else torch.device("cpu")
+        self.kv_itemsize = DTYPES[self.manifest.precision].itemsize
         verified = bool(self.manifest.options.get("kv_inplace_verified")) and self.device_type == "cpu"
         self.kv_binding = ("inplace" if verified else "pingpong") if kv_binding == "auto" else kv_binding
         self._batch = 0

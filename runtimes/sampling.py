@@ -294,7 +294,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor) -> torch.Tensor:
+def sample(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Draw one token per row by inverting the cumulative distribution at a given uniform.
 
     Inverse-CDF with one counter-based uniform per row and step (instead of ``torch.multinomial``)
@@ -304,21 +304,25 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor) -> torc
     distance of a bucket edge could pick a neighbouring token in another implementation.
 
     Args:
-        logits: ``[n, V]`` (guided if CFG applies); any float dtype, cast to float32 on the CPU.
+        logits: ``[n, V]`` (guided if CFG applies); any float dtype, cast to float32 on its own
+            device: the draw runs where the logits are (the same ops on CPU and CUDA).
         opts: temperature / top-k / top-p.
-        u: float64 ``[n]`` uniforms in ``[0, 1)`` (from :meth:`NoiseStream.uniform`).
+        u: float64 ``[n]`` uniforms in ``[0, 1)`` (from :meth:`NoiseStream.uniform`), moved to the
+            logits' device.
+        check: raise on rows without finite mass (a host sync on a GPU: the loop checks once per
+            sequence there instead).
     Returns:
-        int64 CPU tensor ``[n]``. ``temperature == 0`` returns ``argmax`` (first maximum) and ignores
-        ``u``.
+        int64 ``[n]`` on the logits' device. ``temperature == 0`` returns ``argmax`` (first maximum)
+        and ignores ``u``.
     Raises:
         FloatingPointError: when a row has no finite probability mass (NaN/inf logits).
     """
-    logits = logits.detach().to("cpu", torch.float32)                         # [n, V]
+    logits = logits.detach().float()                                          # [n, V]
     if logits.dim() != 2:
         raise ValueError(f"sample expects logits [n, V], got {tuple(logits.shape)}")
     if opts.temperature == 0:
         return logits.argmax(dim=-1)                                          # [n]
-    u = torch.as_tensor(u, dtype=torch.float64).reshape(-1)                  # [n]
+    u = torch.as_tensor(u, dtype=torch.float64).to(logits.device).reshape(-1)  # [n]
     if u.shape[0] != logits.shape[0]:
         raise ValueError(f"sample got {u.shape[0]} uniforms for {logits.shape[0]} rows")
     logits = logits / max(opts.temperature, 1e-5)
@@ -326,7 +330,7 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor) -> torc
     probs = torch.softmax(logits, dim=-1)                                     # [n, V] float32
     cdf = probs.double().cumsum(dim=-1)                                       # [n, V] float64
     total = cdf[:, -1:]                                                       # [n, 1]
-    if not bool(torch.isfinite(total).all()) or bool((total <= 0).any()):
+    if check and (not bool(torch.isfinite(total).all()) or bool((total <= 0).any())):
         bad = int((~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)).nonzero()[0, 0])
         raise FloatingPointError(
             f"row {bad} has no finite probability mass after softmax; the executor returned "

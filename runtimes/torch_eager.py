@@ -56,6 +56,7 @@ class TorchExecutor(StepExecutor):
             check_pair(tokenizer.cfg, gpt.cfg)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.kv_itemsize = dtype.itemsize
         self.pos128 = pos128
         self.gpt = gpt.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = None if tokenizer is None else tokenizer.to(self.device, torch.float32).eval()

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from hita.export.errors import ArtifactError, SignatureError
-from hita.export.manifest import MANIFEST_NAME, Manifest, load_manifest, write_artifacts
+from hita.export.manifest import MANIFEST_NAME, load_manifest, sha256_file
+from hita.export.testing import reissue_manifest
 from hita.export.testing import tiny_models
 from hita.runtimes.loop import generate_tokens, teacher_forced
 from hita.runtimes.onnxrt import OrtExecutor
@@ -142,15 +143,9 @@ def art(onnx_dir, tmp_path):
 
 def _rewrite_manifest(folder, **changes):
     """Re-issue a folder's manifest with changed fields and valid hashes (a consistent-looking lie)."""
-    raw = json.loads((folder / MANIFEST_NAME).read_text())
-    raw.update(changes)
-    m = Manifest.from_dict(raw)
-    staged = folder.parent / "staged"
-    staged.mkdir(exist_ok=True)
-    files = {}
-    for name in m.files:
-        files[name] = shutil.copy(folder / name, staged / name)
-    write_artifacts(folder, files, m)
+    names = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    files = {n: {"sha256": sha256_file(folder / n), "size": (folder / n).stat().st_size} for n in names}
+    reissue_manifest(folder, files=files, **changes)
 
 
 def test_edited_manifest_refused(art):

@@ -1,0 +1,141 @@
+"""The standing abuse suite: what a careless or hostile user does to the CLI, on the embedded model.
+
+Every case asserts the exit code, the one-line ``error:`` message (no traceback), and what is on disk
+afterwards: nothing half-written, nothing of the user's deleted or overwritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hita.checkpoint import save_model
+from hita.cli.app import app
+from hita.config import GPTConfig, TokenizerConfig
+from hita.models.gpt import HitaGPT
+from hita.models.tokenizer import HitaTokenizer
+
+runner = CliRunner()
+
+
+def _one_error_line(res) -> str:
+    """The CLI's single ``error:`` line (and proof there is no traceback)."""
+    assert "Traceback" not in res.output, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--classes", "0-300000000"], "300000001 images requested; one run makes at most"),
+        (["--classes", "0-30"], "class id 30 out of range [0, 10)"),
+        (["--classes", "5-2"], "class range '5-2' runs backwards; write it as 2-5"),
+        (["--per-class", "1000000000"], "must be in 1..1000000"),
+        (["--runtime", "tensorrt", "--artifacts", "."], "the tensorrt runtime is not available"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+        (["--runtime", "onnxruntime", "--artifacts", ".", "--precision", "bf16"], "fixed at export"),
+        (["--runtime", "onnxruntime", "--artifacts", ".", "--pos128", "consistent"], "fixed at export"),
+        (["--artifacts", "."], "--artifacts runs with an artifact runtime"),
+        (["--expect-manifest-sha256", "00"], "pins an artifacts folder"),
+    ],
+)
+def test_generate_bad_arguments_fail_fast(tmp_path, args, message):
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    res = runner.invoke(app, ["generate", "--out", str(out), *args])
+    assert res.exit_code == 2, res.output
+    assert message in _one_error_line(res)
+    assert time.perf_counter() - t0 < 30          # refused up front, not after minutes of work
+    assert not out.exists()
+
+
+def test_resize_is_bounded(tmp_path):
+    res = runner.invoke(app, ["generate", "--out", str(tmp_path / "o"), "--resize", "100000"])
+    assert res.exit_code == 2 and "4096" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("kind", ["file", "devnull"])
+def test_generate_out_must_be_a_writable_folder(tmp_path, kind):
+    target = tmp_path / "a-file.txt" if kind == "file" else "/dev/null"
+    if kind == "file":
+        target.write_text("keep me")
+    res = runner.invoke(app, ["generate", "--out", str(target), "--classes", "0"])
+    assert res.exit_code == 2
+    assert "exists and is not a folder" in _one_error_line(res)
+    if kind == "file":
+        assert target.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the check cannot fail as root")
+def test_generate_out_read_only(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    res = runner.invoke(app, ["generate", "--out", str(ro / "sub"), "--classes", "0"])
+    assert res.exit_code == 2 and "not writable" in _one_error_line(res)
+
+
+def test_generate_writes_a_completion_marker_last(tmp_path):
+    out = tmp_path / "gen"
+    res = runner.invoke(app, ["generate", "--out", str(out), "--classes", "0,1", "--batch-size", "1"])
+    assert res.exit_code == 0, res.output
+    marker = (out / "complete.json").read_text()
+    assert '"images": 2' in marker
+    assert sorted(p.name for p in out.glob("0*.png")) == ["0000_class0.png", "0001_class1.png"]
+
+
+def test_batch_that_cannot_fit_in_memory_is_refused(tmp_path):
+    res = runner.invoke(app, ["generate", "--out", str(tmp_path / "o"), "--classes", "0", "--per-class", "1000000",
+                              "--batch-size", "1000000"])
+    assert res.exit_code == 2
+    assert "the KV cache needs" in _one_error_line(res) and "use --batch-size" in res.output
+
+
+def test_default_class_message_names_the_model_classes(tmp_path):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(GPTConfig.from_name("tiny"), num_classes=150)
+    gpt, tok = HitaGPT(cfg), HitaTokenizer(TokenizerConfig.from_name("tiny"))
+    save_model(gpt, cfg, tmp_path / "gpt.safetensors")
+    save_model(tok, tok.cfg, tmp_path / "tok.safetensors")
+    res = runner.invoke(app, ["generate", "--gpt", str(tmp_path / "gpt.safetensors"), "--tokenizer",
+                              str(tmp_path / "tok.safetensors"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "this GPT has 150 classes" in _one_error_line(res)
+
+
+def test_export_never_touches_a_folder_it_did_not_write(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "manifest.json").write_text('{"name": "web app"}')
+    (site / "app.js").write_text("precious()")
+    t0 = time.perf_counter()
+    res = runner.invoke(app, ["export", "--out", str(site)])
+    assert res.exit_code == 2
+    assert "refusing to replace it" in _one_error_line(res)
+    assert time.perf_counter() - t0 < 30          # refused before loading or exporting anything
+    assert sorted(p.name for p in site.iterdir()) == ["app.js", "manifest.json"]
+    assert (site / "app.js").read_text() == "precious()"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_convert_refuses_to_overwrite_its_source(tmp_path):
+    from hita.assets import default_model
+
+    src = tmp_path / "gpt.safetensors"
+    shutil.copy(default_model().gpt, src)
+    before = src.read_bytes()
+    res = runner.invoke(app, ["convert", str(src), str(src)])
+    assert res.exit_code == 2 and "is the source checkpoint" in _one_error_line(res)
+    assert src.read_bytes() == before
+
+
+def test_parity_json_to_a_folder_is_refused(tmp_path):
+    res = runner.invoke(app, ["parity", "--artifacts", str(tmp_path), "--json", str(tmp_path)])
+    assert res.exit_code == 2 and "is a folder" in _one_error_line(res)
