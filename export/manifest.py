@@ -26,10 +26,12 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -267,13 +269,19 @@ def is_hita_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return False
-    present = {p.name for p in path.iterdir()}
-    if not present:
-        return True
+    # One directory handle for the listing and the manifest: a concurrent export may swap the
+    # folder at ``path`` meanwhile, and both reads must describe the same folder.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        m = _read_manifest(path, None, "re-run `hita export`")
-    except ArtifactError:
-        return False
+        present = set(os.listdir(fd))
+        if not present:
+            return True
+        try:
+            m = _read_manifest(path, None, "re-run `hita export`", dir_fd=fd)
+        except ArtifactError:
+            return False
+    finally:
+        os.close(fd)
     return present == set(m.files) | set(_RESERVED)
 
 
@@ -326,6 +334,15 @@ def write_artifacts(
     if missing:
         raise ArtifactError(f"manifest lists graph files {missing} that were not produced; export is incomplete")
     check_output_folder(out)
+    try:
+        return _write_folder(out, files, manifest)
+    except OSError as e:  # full disk, read-only filesystem, permissions: nothing half-written is left
+        raise ArtifactError(
+            f"{out}: cannot write the artifacts ({e.strerror or e}); free space or choose a writable folder"
+        ) from None
+
+
+def _write_folder(out: Path, files: Mapping[str, str | os.PathLike], manifest: Manifest) -> Manifest:
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(out)
     tmp = _sibling(out, "tmp")
@@ -351,26 +368,36 @@ def write_artifacts(
         apply_umask(tmp, folder=True)
         fsync_path(tmp)
         check_output_folder(out)  # again: another process may have put something there meanwhile
-        if out.exists():
-            if _exchange(tmp, out):
-                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
-            else:
-                old = _sibling(out, "old")
-                os.rmdir(old)
-                os.replace(out, old)
-                try:
-                    os.replace(tmp, out)
-                except OSError:
-                    os.replace(old, out)
+        if not out.exists():
+            try:
+                os.replace(tmp, out)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+                check_output_folder(out)  # a concurrent export got there first: replace it as below
+        if tmp.exists():
+            _swap_in(tmp, out)
         fsync_path(out.parent)
         return final
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` at ``out`` (which exists) and delete the old one."""
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        return
+    old = _sibling(out, "old")
+    os.rmdir(old)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output_folder(out_dir: str | os.PathLike) -> None:
@@ -424,16 +451,27 @@ def check_unchanged(root: str | os.PathLike, fingerprints: Mapping[str, tuple[in
             )
 
 
-def _read_manifest(root: Path, expect_sha256: str | None, fix: str) -> Manifest:
+def _read_bytes(name: str, root: Path, dir_fd: int | None) -> bytes | None:
+    """A file's bytes (``None`` when it is missing), relative to ``dir_fd`` when given."""
+    try:
+        fd = os.open(name if dir_fd is not None else root / name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _read_manifest(root: Path, expect_sha256: str | None, fix: str, dir_fd: int | None = None) -> Manifest:
     """The manifest of ``root``, its bytes checked against ``manifest.sha256`` (and the pin)."""
     mpath, cpath = root / MANIFEST_NAME, root / CHECKSUM_NAME
-    if not mpath.is_file():
-        raise ArtifactError(
-            f"{mpath}: missing (not a hita artifacts folder, or the export did not finish); {fix}"
-        )
     try:
-        data = mpath.read_bytes()
-        recorded = cpath.read_text(encoding="ascii").split()[0] if cpath.is_file() else None
+        data = _read_bytes(MANIFEST_NAME, root, dir_fd)
+        if data is None:
+            raise ArtifactError(
+                f"{mpath}: missing (not a hita artifacts folder, or the export did not finish); {fix}"
+            )
+        raw_sum = _read_bytes(CHECKSUM_NAME, root, dir_fd)
+        recorded = raw_sum.decode("ascii").split()[0] if raw_sum is not None else None
     except (OSError, UnicodeDecodeError, IndexError) as e:
         raise ArtifactError(f"{cpath}: unreadable ({e}); {fix}") from None
     if recorded is None:
@@ -494,7 +532,24 @@ def load_manifest(
     fix = f"re-run `hita export --engine {expect_engine or '<engine>'}`"
     if not root.is_dir():
         raise ArtifactError(f"{root}: no such artifacts folder; create it with `hita export`")
-    manifest = _read_manifest(root, expect_sha256, fix)
+    # Everything is read through one directory handle, so a folder swapped in by a concurrent
+    # export is never mixed with the one being checked.
+    for attempt in range(3):
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return _load(root, dir_fd, expect_engine, verify_files, expect_sha256, fingerprints, fix)
+        except ArtifactError:
+            # A concurrent export replaced the folder and deleted the one we had open: read the new one.
+            if attempt == 2 or os.stat(root).st_ino == os.fstat(dir_fd).st_ino:
+                raise
+        finally:
+            os.close(dir_fd)
+    raise AssertionError("unreachable")
+
+
+def _load(root: Path, dir_fd: int, expect_engine: str | None, verify_files: bool, expect_sha256: str | None,
+          fingerprints: dict[str, tuple[int, int, int]] | None, fix: str) -> Manifest:
+    manifest = _read_manifest(root, expect_sha256, fix, dir_fd=dir_fd)
     mpath = root / MANIFEST_NAME
     fix = f"re-run `hita export --engine {manifest.engine}`"
     if expect_engine is not None and manifest.engine != expect_engine:
@@ -507,17 +562,27 @@ def load_manifest(
         if info["file"] not in manifest.files:
             raise ArtifactError(f"{mpath}: graph {graph!r} names {info['file']!r}, which is not listed; {fix}")
     for name, entry in manifest.files.items():
-        path = root / name
-        if path.is_symlink() or not path.is_file():
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise ArtifactError(f"{name}: missing from {root} (or not a plain file); {fix}")
-        fp = _fingerprint(path)
+        fp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if fingerprints is not None:
             fingerprints[name] = fp
-        size = fp[1]
-        if size != entry["size"]:
+        if st.st_size != entry["size"]:
             raise ArtifactError(
-                f"{name}: {size} bytes, manifest says {entry['size']} (truncated or replaced after export); {fix}"
+                f"{name}: {st.st_size} bytes, manifest says {entry['size']} (truncated or replaced after export); {fix}"
             )
-        if verify_files and sha256_file(path) != entry["sha256"]:
+        if verify_files and _fd_sha256(name, dir_fd) != entry["sha256"]:
             raise ArtifactError(f"{name}: sha256 mismatch (file changed after export); {fix}")
     return manifest
+
+
+def _fd_sha256(name: str, dir_fd: int) -> str:
+    h = hashlib.sha256()
+    with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd), "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
