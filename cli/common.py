@@ -54,6 +54,9 @@ def user_errors(fn: F) -> F:
         except Exception as e:  # noqa: BLE001 - classified below
             if _is_user_error(e):
                 fail(str(e), getattr(e, "exit_code", EXIT_BAD_INPUT))
+            if isinstance(e, OSError) and e.strerror:  # full disk, read-only filesystem, ...
+                where = f"{e.filename}: " if e.filename else ""
+                fail(f"{where}{e.strerror}; free space or choose a writable location", EXIT_BAD_INPUT)
             raise
 
     return wrapper  # type: ignore[return-value]

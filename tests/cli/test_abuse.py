@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -73,13 +74,41 @@ def test_generate_out_must_be_a_writable_folder(tmp_path, kind):
         assert target.read_text() == "keep me"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the check cannot fail as root")
+def _tmpfs(path, options) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
 def test_generate_out_read_only(tmp_path):
     ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    res = runner.invoke(app, ["generate", "--out", str(ro / "sub"), "--classes", "0"])
-    assert res.exit_code == 2 and "not writable" in _one_error_line(res)
+    if os.geteuid() == 0:
+        if not _tmpfs(ro, "size=64k,ro"):
+            pytest.skip("root writes into read-only folders, and this sandbox cannot mount a read-only tmpfs")
+    else:
+        ro.mkdir()
+        ro.chmod(0o500)
+    try:
+        res = runner.invoke(app, ["generate", "--out", str(ro / "sub"), "--classes", "0"])
+        assert res.exit_code == 2 and "not writable" in _one_error_line(res)
+        assert list(ro.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def test_generate_on_a_full_disk_is_one_line(tmp_path):
+    disk = tmp_path / "disk"
+    if os.geteuid() != 0 or not _tmpfs(disk, "size=48k"):
+        pytest.skip("mounting a small tmpfs needs root and mount rights in this sandbox")
+    try:
+        # 40 images of 64x64 RGB PNGs (~3-8 KiB each) do not fit in 48 KiB.
+        res = runner.invoke(app, ["generate", "--out", str(disk / "o"), "--classes", "0-9", "--per-class", "4",
+                                  "--resize", "64", "--batch-size", "40"])
+        assert res.exit_code == 2, res.output
+        assert "No space left on device" in _one_error_line(res)
+        assert not (disk / "o" / "complete.json").exists()        # the folder says it is partial
+        assert not [p for p in (disk / "o").iterdir() if p.name.startswith(".")]  # no temp files
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_generate_writes_a_completion_marker_last(tmp_path):
