@@ -12,6 +12,11 @@ from hita.cli.generate import GPT_OPT, TOK_OPT
 from hita.jobs.sources import resolve_checkpoints
 
 
+class KvWrite(str, Enum):
+    scatter = "scatter"
+    tensorscatter = "tensorscatter"
+
+
 class Engine(str, Enum):
     onnx = "onnx"
     aoti = "aoti"
@@ -29,6 +34,9 @@ def export(
     precision: Annotated[Precision, typer.Option(help="GPT graph precision (the decoder stays fp32).")] = Precision.fp32,
     pos128: Annotated[Pos128, typer.Option(help="Embedding rule at position 128 baked into the decode step.")] = Pos128.reference,
     opset: Annotated[int, typer.Option(min=18, max=23, help="ONNX opset.")] = 18,
+    kv_write: Annotated[KvWrite, typer.Option(
+        help="ONNX decode-step cache write: scatter (ScatterElements, fastest in ONNX Runtime) or "
+             "tensorscatter (opset 24 TensorScatter: TensorRT's in-place KV-cache update).")] = KvWrite.scatter,
     device: Annotated[str, typer.Option(help="Device to build and validate on (aoti: cpu or cuda).")] = "cpu",
     skip_validation: Annotated[bool, typer.Option("--skip-validation", help="Do not check graphs against eager.")] = False,
 ) -> None:
@@ -46,6 +54,8 @@ def export(
     if engine is Engine.onnx and device != "cpu":
         raise ValueError("ONNX graphs are exported and validated on the CPU; drop --device (ONNX Runtime picks "
                          "the GPU at run time)")
+    if kv_write is KvWrite.tensorscatter and engine is not Engine.onnx:
+        raise ValueError("--kv-write applies to ONNX exports; drop it or use --engine onnx")
     check_output_folder(out)  # before loading anything: never replace a folder hita did not write
     check_device(device)
     gpt_path, tok_path, _ = resolve_checkpoints(gpt, tokenizer)
@@ -57,7 +67,7 @@ def export(
         from hita.export.onnx import export_onnx
 
         export_onnx(g, tok, out, opset=opset, pos128=pos128.value, dtype=precision.dtype,
-                    validate=not skip_validation, checkpoints=sources)
+                    validate=not skip_validation, checkpoints=sources, kv_write=kv_write.value)
     else:
         from hita.export.aoti import export_aoti
 

@@ -38,6 +38,7 @@ from hita.util.log import Log, first_line, quiet
 from .driver import Backend, Runner, export_artifacts, validate_graph
 from .errors import ExportError, ParityError, SignatureError
 from .graphs import SpecGraph
+from .kv_write import TENSORSCATTER_OPSET, to_tensorscatter
 from .spec import ExportSpec, GraphSignature, TensorSpec
 
 if TYPE_CHECKING:
@@ -50,10 +51,13 @@ __all__ = [
     "validate_onnx",
     "onnx_signature",
     "ONNX_DTYPES",
+    "KV_WRITES",
     "EXTERNAL_DATA_BYTES",
     "SignatureError",
     "ParityError",
 ]
+
+KV_WRITES = ("scatter", "tensorscatter")
 
 # ONNX TensorProto element types -> spec dtype names.
 ONNX_DTYPES: dict[int, str] = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
@@ -147,14 +151,20 @@ class OnnxBackend(Backend):
         opset: ONNX opset, 18..23 (17 yields an invalid model with the dynamo exporter).
         external_data: force (True) or forbid (False) ONNX external data; ``None`` decides by size.
         verbose: let the exporter print its own progress, warnings and logs.
+        kv_write: how the decode step writes its cache: ``"scatter"`` (``ScatterElements``, any
+            opset, what ONNX Runtime runs fastest) or ``"tensorscatter"`` (ONNX ``TensorScatter``,
+            opset 24: TensorRT's in-place KV-cache update; see :mod:`~hita.export.kv_write`).
     """
 
     engine = "onnx"
 
-    def __init__(self, opset: int = 18, external_data: bool | None = None, verbose: bool = False):
+    def __init__(self, opset: int = 18, external_data: bool | None = None, verbose: bool = False,
+                 kv_write: str = "scatter"):
         if not 18 <= opset <= 23:
             raise ValueError(f"opset must be in 18..23 (the dynamo exporter emits an invalid model at 17), got {opset}")
-        self.opset, self.external_data, self.verbose = opset, external_data, verbose
+        if kv_write not in KV_WRITES:
+            raise ValueError(f"kv_write must be one of {KV_WRITES}, got {kv_write!r}")
+        self.opset, self.external_data, self.verbose, self.kv_write = opset, external_data, verbose, kv_write
         self._wrote_external = False
 
     def write(self, graph: SpecGraph, spec: ExportSpec, folder: Path, device: torch.device) -> dict[str, Any]:
@@ -180,7 +190,10 @@ class OnnxBackend(Backend):
             "the exporter renamed or re-typed a tensor; report it",
         )
         self._wrote_external |= use_ext
-        return {"opset": spec.opset}
+        if spec.name == "decode_step" and self.kv_write == "tensorscatter":
+            to_tensorscatter(path, (len(spec.inputs) - 2) // 2)
+            return {"opset": TENSORSCATTER_OPSET, "kv_write": "tensorscatter"}
+        return {"opset": spec.opset, "kv_write": "scatter" if spec.name == "decode_step" else None}
 
     def load(self, path: Path, spec: ExportSpec, device: torch.device) -> Runner:
         sess = _session(path, spec)
@@ -210,6 +223,7 @@ class OnnxBackend(Backend):
         return {
             "exporter": "torch.onnx.export(dynamo=True)",
             "external_data": self._wrote_external,
+            "kv_write": self.kv_write,
             "kv_inplace_verified": bool(report.get("decode_step", {}).get("kv_inplace_verified", False)),
         }
 
@@ -238,6 +252,7 @@ def export_onnx(
     external_data: bool | None = None,
     verbose: bool = False,
     checkpoints: Mapping[str, str | Path | None] | None = None,
+    kv_write: str = "scatter",
 ) -> Path:
     """Export decoder, prefill and decode-step ONNX graphs plus a manifest into ``out_dir``.
 
@@ -245,12 +260,12 @@ def export_onnx(
     stays float32. ONNX Runtime's CPU provider lacks half-precision kernels for parts of the graph,
     so validate half-precision exports on a GPU provider or pass ``validate=False``. See
     :func:`~hita.export.driver.export_artifacts` for the arguments shared by every engine;
-    ``opset``, ``external_data`` and ``verbose`` are :class:`OnnxBackend`'s.
+    ``opset``, ``external_data``, ``verbose`` and ``kv_write`` are :class:`OnnxBackend`'s.
 
     Raises:
         SignatureError, ParityError, ExportError, ArtifactError, ValueError: as the driver.
     """
-    backend = OnnxBackend(opset=opset, external_data=external_data, verbose=verbose)
+    backend = OnnxBackend(opset=opset, external_data=external_data, verbose=verbose, kv_write=kv_write)
     return export_artifacts(
         backend, gpt, tokenizer, out_dir, device="cpu", pos128=pos128, dtype=dtype, validate=validate,
         progress=progress, max_batch=max_batch, checkpoints=checkpoints, spec_options={"opset": opset},

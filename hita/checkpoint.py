@@ -15,6 +15,7 @@ Every load is strict: missing keys, unexpected keys and shape mismatches are rep
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 from pathlib import Path
@@ -47,7 +48,94 @@ class CheckpointError(ValueError):
 # Reading
 # ----------------------------------------------------------------------------------------------
 
+# How a refusal to unpickle tells the user what to do: hita never runs pickled code, whatever the
+# file's origin, so the only ways forward are a file without code or a conversion done elsewhere.
+_CODE_FIX = ("ask its publisher for a .safetensors file, or extract the weights in an isolated sandbox you trust "
+             "and save them as safetensors (`hita convert` reads those)")
+# The largest pickle stream read when looking for the globals a refused file names.
+_MAX_PICKLE_SCAN = 64 << 20
+# Globals torch's weights-only unpickler and our allow-list accept: not worth naming in a refusal.
+_HARMLESS_MODULES = ("torch", "collections", "argparse", "numpy.core.multiarray", "numpy")
 
+
+def _pickle_streams(path: Path) -> list[bytes]:
+    """The pickle bytes of a torch file (``data.pkl`` of the zip format; the legacy format's head)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            out = []
+            for info in z.infolist():
+                if info.filename.endswith("data.pkl") and info.file_size <= _MAX_PICKLE_SCAN:
+                    out.append(z.read(info))
+            return out
+    with open(path, "rb") as f:
+        return [f.read(_MAX_PICKLE_SCAN)]
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """``module.name`` of every global a pickle in ``path`` imports, read with ``pickletools`` (which
+    only parses opcodes; nothing is imported or run). Best effort: [] when the file cannot be parsed."""
+    import io
+    import pickletools
+
+    found: list[str] = []
+    try:
+        streams = _pickle_streams(path)
+    except Exception:  # noqa: BLE001 - naming the global is a courtesy; the refusal stands regardless
+        return found
+    for data in streams:
+        buf = io.BytesIO(data)
+        for _ in range(8):  # the legacy format is several pickles in a row
+            strings: list[str] = []
+            try:
+                for op, arg, _pos in pickletools.genops(buf):
+                    if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                        found.append(arg.replace(" ", ".", 1))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str) and "UNICODE" in op.name:
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001 - raw tensor bytes follow the pickles; stop there
+                break
+            if buf.tell() >= len(data):
+                break
+    return list(dict.fromkeys(found))
+
+
+def _offending_global(path: Path, torch_message: str) -> str | None:
+    """The global a refused file wanted, as ``module.name`` (``None`` when it names none)."""
+    import re
+
+    m = re.search(r"GLOBAL ([A-Za-z_][\w.]*)", torch_message)
+    named = m.group(1).rstrip(".") if m else None
+    scanned = _pickled_globals(path)
+    if named is not None and "." not in named:  # torch prints builtins without their module
+        named = next((g for g in scanned if g.rsplit(".", 1)[-1] == named), f"builtins.{named}")
+    if named is None:
+        named = next((g for g in scanned if not g.startswith(_HARMLESS_MODULES)), None)
+    if named is not None and named.startswith("__builtin__."):  # protocol 2 spells builtins the Python 2 way
+        named = "builtins." + named.split(".", 1)[1]
+    if named is not None and named.split(".", 1)[0] in ("posix", "nt"):
+        named = f"{named} (os.{named.split('.', 1)[1]})"
+    return named
+
+
+def _torch_detail(message: str) -> str:
+    """The specific line of a torch.load error, without its generic advice about ``weights_only``."""
+    generic = ("weights only load failed", "weights_only", "check the documentation", "please file an issue")
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not any(g in line.lower() for g in generic):
+            return " ".join(line.split())[:120]
+    return ""
+
+
+def _unreadable(path: Path, cause: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: not a readable checkpoint ({cause}); the file is damaged, truncated or of another format: "
+        "download or copy it again"
+    )
 
 
 def _load_pickle(path: Path) -> Any:
@@ -55,17 +143,18 @@ def _load_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = _offending_global(path, str(e))
+        if name is None:
+            detail = _torch_detail(str(e))
+            raise _unreadable(path, f"pickle error: {detail}" if detail else "pickle error") from None
         raise CheckpointError(
-            f"{path}: refused to unpickle: {first[:300]}. hita loads checkpoints with "
-            "weights_only=True and never executes pickled code; re-save the weights as a plain "
-            "state dict (or safetensors) from a trusted environment."
+            f"{path}: refused to unpickle: the file contains code ({name}) that hita will not run; {_CODE_FIX}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); the "
-            "file may be truncated or of another format."
-        ) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - garbage input can fail in any of torch's readers
+        detail = _torch_detail(str(e))
+        raise _unreadable(path, f"{type(e).__name__}: {detail}" if detail else type(e).__name__) from None
 
 
 def _select_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -79,6 +168,9 @@ def _select_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             f"{path}: no state dict found (looked for entries {', '.join(STATE_DICT_ENTRIES)} or a "
             "plain state dict); is this a Hita checkpoint?"
         )
+    if not all(isinstance(k, str) for k in obj):
+        bad = [k for k in obj if not isinstance(k, str)][:5]
+        raise CheckpointError(f"{path}: state dict has non-string keys {bad}; is this a Hita checkpoint?")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if len(sd) != len(obj):
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
@@ -97,10 +189,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         (state_dict, metadata): metadata is the safetensors string metadata, empty for ``.pt``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file; pass the .safetensors or .pt file "
+                              "(a training checkpoint folder holds model.safetensors and ema.safetensors)")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; check the path.")
-    with open(path, "rb") as f:
-        head = f.read(8)
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+    if size == 0:
+        raise CheckpointError(f"{path}: is empty (0 bytes); the download or copy did not finish: fetch it again")
     if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < (1 << 27)
                                           and not head.startswith(b"PK") and not head.startswith(b"\x80")):
         from safetensors import SafetensorError, safe_open
@@ -110,9 +211,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
             sd = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
+        except MemoryError:
+            raise
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+            detail = " ".join(str(e).split())[:160]
             raise CheckpointError(
-                f"{path}: not a readable safetensors file ({str(e)[:200]}); the file may be truncated."
+                f"{path}: not a readable safetensors file ({detail}); the file is damaged or truncated: "
+                "download or copy it again"
             ) from None
         return sd, meta
     return _select_state_dict(_load_pickle(path), path), {}
@@ -186,15 +291,28 @@ def state_dict_report(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, 
 
 
 def _config_from_metadata(kind: Kind, meta: Mapping[str, str], path: Path):
+    """The config stored in one of our safetensors files; ``None`` for a file without hita metadata
+    (a plain state dict, whose preset is inferred from its shapes like a released ``.pt``)."""
     stored_kind = meta.get("hita_kind")
+    if stored_kind is not None and stored_kind not in KINDS:
+        raise CheckpointError(f"{path}: unknown hita_kind {stored_kind[:40]!r} in its metadata (expected "
+                              f"{' or '.join(KINDS)}); the file is damaged or not a hita model: re-save it")
     if stored_kind is not None and stored_kind != kind:
         raise CheckpointError(f"{path}: holds a hita {stored_kind}, not a {kind}; pass the right file.")
     if "hita_config" not in meta:
+        if any(k.startswith("hita_") for k in meta):
+            raise CheckpointError(f"{path}: its metadata has no hita_config (the model's config); the file is "
+                                  "damaged or was not written by hita: re-save it, or pass --preset NAME")
         return None
     try:
         return _config_cls(kind).from_json(meta["hita_config"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: config in the file's metadata is invalid ({e}); re-save it.") from None
+    except (ValueError, TypeError, RecursionError) as e:
+        cause = str(e).split("; ")[0] if isinstance(e, ValueError) else type(e).__name__
+        if isinstance(e, json.JSONDecodeError):
+            cause = f"not JSON: {e.msg} at character {e.pos}"
+        raise CheckpointError(f"{path}: the {kind} config in its metadata is refused ({' '.join(cause.split())[:200]}); "
+                              "the file is damaged or forged: re-save it from a trusted source, or pass --preset NAME"
+                              ) from None
 
 
 def load_model(
@@ -291,6 +409,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, preset: str | None =
         raise CheckpointError(f"{dst}: is the source checkpoint; write the converted file under another name")
     sd, meta = read_checkpoint(src)
     kind: Kind = meta.get("hita_kind") or guess_kind(sd)  # type: ignore[assignment]
+    if kind not in KINDS:
+        _config_from_metadata("gpt", meta, Path(src))  # raises: the file names an unknown kind
     model = load_model(src, kind, preset)
     cfg = model.cfg
     save_state_dict(sd, kind, cfg, dst, {"hita_source_sha256": file_sha256(src)})

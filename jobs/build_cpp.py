@@ -18,17 +18,15 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from hita.export.common import Log, logger
-
-from .sampling import SamplingOptions
+import hita.runtimes
+from hita.runtimes.sampling import SamplingOptions
+from hita.util.log import Log, logger
 
 __all__ = [
     "BINARY_NAME",
@@ -38,18 +36,15 @@ __all__ = [
     "HostRun",
     "HostRunError",
     "build_host",
-    "build_host_async",
     "run_host",
     "torch_cmake_prefix",
 ]
 
-SOURCE_DIR = Path(__file__).resolve().parent / "cpp"
+SOURCE_DIR = Path(hita.runtimes.__file__).resolve().parent / "cpp"
 BINARY_NAME = "hita-host"
-
 
 class CppBuildError(RuntimeError):
     """CMake or the compiler failed, or a build tool is missing; the message says which and why."""
-
 
 class HostRunError(RuntimeError):
     """``hita-host`` exited non-zero. ``returncode`` 2 = refused input or artifacts (the message is its
@@ -59,7 +54,6 @@ class HostRunError(RuntimeError):
         super().__init__(message)
         self.returncode = returncode
         self.stderr = stderr
-
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -71,7 +65,6 @@ class BuildResult:
     build_dir: Path
     cxx_standard: int
     seconds: float
-
 
 @dataclass(frozen=True)
 class HostRun:
@@ -107,22 +100,18 @@ class HostRun:
     def mean_step_ms(self) -> float:
         return sum(self.step_ms) / len(self.step_ms) if self.step_ms else 0.0
 
-
 def torch_cmake_prefix() -> str:
     """``torch.utils.cmake_prefix_path``: the folder holding the wheel's ``Torch/TorchConfig.cmake``."""
     return torch.utils.cmake_prefix_path
 
-
 def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
-
 
 def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CppBuildError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...\n{_tail(proc.stdout + proc.stderr)}")
     return proc
-
 
 def build_host(
     out_dir: str | Path = "build/cpp",
@@ -184,36 +173,6 @@ def build_host(
         raise CppBuildError(f"{binary}: the build finished but produced no binary")
     return BuildResult(binary, library, out, std, seconds)
 
-
-_ASYNC: dict[Path, Future] = {}
-_ASYNC_LOCK = threading.Lock()
-
-
-def build_host_async(out_dir: str | Path = "build/cpp", **kwargs) -> Future[BuildResult]:
-    """Start :func:`build_host` in a background thread (the compiler runs as a subprocess, so
-    Python work such as an export proceeds meanwhile) and return its future.
-
-    One build per folder per process: a second call for the same ``out_dir`` returns the same
-    future, finished or not. ``kwargs`` go to :func:`build_host` (``progress`` defaults off).
-    """
-    out = Path(out_dir).absolute()
-    kwargs.setdefault("progress", False)
-    with _ASYNC_LOCK:
-        fut = _ASYNC.get(out)
-        if fut is None:
-            fut = Future()
-            _ASYNC[out] = fut
-
-            def work() -> None:
-                try:
-                    fut.set_result(build_host(out, **kwargs))
-                except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
-                    fut.set_exception(e)
-
-            threading.Thread(target=work, name=f"hita-build-cpp:{out.name}", daemon=True).start()
-    return fut
-
-
 def _flags(opts: SamplingOptions) -> list[str]:
     return [
         "--cfg-scale", repr(float(opts.cfg_scale)),
@@ -223,7 +182,6 @@ def _flags(opts: SamplingOptions) -> list[str]:
         "--top-p", repr(float(opts.top_p)),
         "--seed", str(int(opts.seed)),
     ]
-
 
 def run_host(
     binary: str | Path,

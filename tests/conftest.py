@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,28 @@ def aoti_dir(tmp_path_factory, request):
     base = tmp_path_factory.getbasetemp()
     if shutil.which("cmake") and any(Path(str(i.fspath)).name == "test_cpp_host.py" for i in request.session.items):
         # The C++ host tests need a build too: start it now so it compiles while this exports.
-        from hita.jobs.build_cpp import build_host_async
-
-        build_host_async(base / "hita-cpp-build")
+        cpp_build_future(base / "hita-cpp-build")
     return tiny_aoti_artifacts(base / "hita-aoti-tiny")
+
+
+_BUILDS: dict[Path, Future] = {}
+
+
+def cpp_build_future(out: Path) -> Future:
+    """One background ``build_host`` per folder per session (the compiler is a subprocess, so the
+    AOTI export proceeds meanwhile); later callers get the same future."""
+    from hita.jobs.build_cpp import build_host
+
+    if out not in _BUILDS:
+        _BUILDS[out] = ThreadPoolExecutor(1, thread_name_prefix="hita-build-cpp").submit(
+            build_host, out, progress=False)
+    return _BUILDS[out]
+
+
+@pytest.fixture(scope="session")
+def cpp_build(tmp_path_factory) -> Future:
+    """The session's ``hita-host`` build (started early by ``aoti_dir`` when C++ tests run)."""
+    return cpp_build_future(tmp_path_factory.getbasetemp() / "hita-cpp-build")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -191,7 +191,7 @@ class _GPTTrainer(Trainer):
         if info.enabled:
             self.fwd = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if resume_from is not None:
-            self.load(resume_from)
+            resume_from = self.load(resume_from)  # an older checkpoint when the newest is damaged
         self.log.event("start", step=self.step, preset=model_cfg.name, tokenizer=tok_cfg.name, data=source,
                        online=self.tokenizer is not None, world=info.world, precision=str(self.dtype or "fp32"),
                        resumed_from=str(resume_from) if resume_from else None)

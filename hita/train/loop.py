@@ -21,8 +21,11 @@ from hita.train.ema import EMA
 from hita.train.progress import RunLog
 from hita.train.train_state import (
     TRAIN_STATE,
+    UnreadableCheckpoint,
     capture_rng,
+    first_readable,
     load_train_state,
+    read_weights,
     restore_rng,
     save_train_state,
     write_checkpoint,
@@ -111,22 +114,37 @@ class Trainer:
         path = write_checkpoint(self.cfg.run_dir, self.step, write, self.cfg.keep_last)
         self.log.event("checkpoint", step=self.step, path=str(path))
 
-    def load(self, folder: Path) -> None:
-        """Continue from checkpoint ``folder``: weights, EMA, optimizer, scheduler, RNG, step."""
-        from safetensors.torch import load_file
+    def load(self, folder: Path) -> Path:
+        """Continue from checkpoint ``folder``: weights, EMA, optimizer, scheduler, RNG, step.
 
-        state = load_train_state(folder / TRAIN_STATE)
+        When a file of ``folder`` cannot be read (truncated, corrupt), the newest older checkpoint that
+        can is used instead, with a one-line warning; every rank reads the same files, so all ranks
+        agree on the folder. Returns the folder resumed from.
+        """
+        def read(f: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor] | None]:
+            state = load_train_state(f / TRAIN_STATE)
+            model_sd = read_weights(f / MODEL_FILE)
+            ema_sd = None
+            if (f / EMA_FILE).is_file():  # checked on every rank; loaded where an EMA is kept
+                ema_sd = read_weights(f / EMA_FILE, load=self.ema is not None)
+            return state, model_sd, ema_sd
+
         try:
-            self.model.load_state_dict(load_file(str(folder / MODEL_FILE)), strict=True)
+            folder, (state, model_sd, ema_sd) = first_readable(
+                folder, read, lambda msg: self.log.event("warning", message=msg))
+        except UnreadableCheckpoint as e:
+            raise TrainError(str(e)) from None
+        try:
+            self.model.load_state_dict(model_sd, strict=True)
         except RuntimeError as e:
             raise TrainError(f"{folder / MODEL_FILE} does not fit this model ({str(e).splitlines()[0]}); "
                              "resume with the options the run was started with or choose a new --run-dir") from None
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.ema is not None:
-            if not (folder / EMA_FILE).is_file():
+            if ema_sd is None:
                 raise TrainError(f"{folder} has no EMA weights but this run keeps an EMA; resume with --ema-decay 0")
-            self.ema.load_state_dict(load_file(str(folder / EMA_FILE)), int(state["ema_updates"]))
+            self.ema.load_state_dict(ema_sd, int(state["ema_updates"]))
         self.load_extra_state(state, folder)
         if state["world_size"] == self.info.world:
             restore_rng(state["rng"][self.info.rank])
@@ -136,3 +154,4 @@ class Trainer:
                            f"{state['world_size']}: dropout RNG streams are reseeded (data order is unchanged)")
         self.step = int(state["step"])
         self.log.advance(self.step)
+        return folder

@@ -198,7 +198,7 @@ class _TokenizerTrainer(Trainer):
             if self.disc is not None:
                 self.disc_fwd = DDP(self.disc_fwd, device_ids=ids)
         if resume_from is not None:
-            self.load(resume_from)
+            resume_from = self.load(resume_from)  # an older checkpoint when the newest is damaged
         self.log.event("start", step=self.step, preset=model_cfg.name, data=self.data.describe(), world=info.world,
                        disc=disc_kind, precision=str(self.dtype or "fp32"), warmup_steps=warmup,
                        resumed_from=str(resume_from) if resume_from else None)

@@ -116,18 +116,25 @@ def test_bad_arguments_fail_before_exporting(models, tmp_path, kwargs, match):
 
 
 @pytest.mark.slow
-def test_external_data_and_consistent_pos128(tmp_path):
-    """Large-model path (weights in ``.onnx.data`` files, hashed in the manifest) and the other
-    pos128 rule, exported for real and checked through the executor against eager."""
+def test_external_data_consistent_pos128_and_tensorscatter(tmp_path):
+    """Large-model path (weights in ``.onnx.data`` files, hashed in the manifest), the other
+    pos128 rule and the TensorRT cache write (``TensorScatter``, opset 24), exported for real and
+    checked through the executor against eager (one export covers the three variants)."""
     from hita.runtimes.loop import teacher_forced
     from hita.runtimes.onnxrt import OrtExecutor
     from hita.runtimes.torch_eager import TorchExecutor
 
     gpt, tok = tiny_models()
     lines = []
-    out = export_onnx(gpt, tok, tmp_path / "art", pos128="consistent", external_data=True, progress=lines.append)
+    out = export_onnx(gpt, tok, tmp_path / "art", pos128="consistent", external_data=True, progress=lines.append,
+                      kv_write="tensorscatter")
     assert len(lines) == 4 and "decode_step.onnx: exported" in lines[2]
     m = load_manifest(out)
+    step = onnx.load(str(out / "decode_step.onnx"), load_external_data=False)
+    ops = [n.op_type for n in step.graph.node]
+    assert ops.count("TensorScatter") == 2 * gpt.cfg.n_layer and "ScatterElements" not in ops
+    assert {o.domain: o.version for o in step.opset_import}[""] == 24
+    assert m.graphs["decode_step"]["kv_write"] == "tensorscatter" and m.graphs["decode_step"]["opset"] == 24
     assert {"decoder.onnx.data", "prefill.onnx.data", "decode_step.onnx.data"} <= set(m.files)
     assert m.options["external_data"] is True and m.pos128 == "consistent"
     cfg = gpt.cfg

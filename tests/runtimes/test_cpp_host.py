@@ -41,11 +41,9 @@ def build_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def host(build_dir, aoti_dir):
-    from hita.runtimes.cpp_build import build_host_async
-
+def host(cpp_build, aoti_dir):
     # ``aoti_dir`` (tests/conftest.py) started this build before exporting, so it compiled meanwhile.
-    return build_host_async(build_dir).result().binary
+    return cpp_build.result().binary
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,7 @@ OPTIONS = {
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_tokens_equal_python_loop(host, aoti_dir, aoti, name):
-    from hita.runtimes.cpp_build import run_host
+    from hita.jobs.build_cpp import run_host
 
     opts, ids = OPTIONS[name], [0, 3, 9]
     tokens, seconds = run_host(host, aoti_dir, ids, opts, threads=1)
@@ -85,7 +83,7 @@ def test_tokens_equal_python_loop(host, aoti_dir, aoti, name):
 
 
 def test_row_offset_keys_the_noise_by_global_image_index(host, aoti_dir, aoti):
-    from hita.runtimes.cpp_build import run_host
+    from hita.jobs.build_cpp import run_host
 
     opts = SamplingOptions(seed=9, top_k=100)
     batch = generate_tokens(aoti, [4, 8], opts).tokens                    # images 0 and 1
@@ -94,7 +92,7 @@ def test_row_offset_keys_the_noise_by_global_image_index(host, aoti_dir, aoti):
 
 
 def test_pngs_equal_python_decoder(host, aoti_dir, aoti, tmp_path):
-    from hita.runtimes.cpp_build import run_host
+    from hita.jobs.build_cpp import run_host
 
     _, tok = tiny_models(0)
     opts, ids = SamplingOptions(seed=2), [1, 5]
@@ -175,7 +173,7 @@ def test_refuses_bad_input(host, aoti_dir, tmp_path):
 
 
 def test_run_host_raises_with_the_hosts_message(host, copy_dir):
-    from hita.runtimes.cpp_build import HostRunError, run_host
+    from hita.jobs.build_cpp import HostRunError, run_host
 
     _rewrite_manifest(copy_dir, device="cuda")
     with pytest.raises(HostRunError, match="compiled for device 'cuda'") as e:
