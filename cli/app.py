@@ -21,7 +21,7 @@ app = typer.Typer(
 COMMAND_MODULES: tuple[str, ...] = (
     "demo", "generate", "export", "parity",
     "train", "codes",
-    "convert", "build_cpp",
+    "convert", "build_cpp", "doctor",
 )
 
 for _name in COMMAND_MODULES:

@@ -45,6 +45,12 @@ def make_executor(
         expect_manifest_sha256: pin the reviewed export (artifact runtimes; refused for torch).
     """
     runtime = Runtime(runtime)
+    if runtime is Runtime.tensorrt:
+        if not torch.cuda.is_available():
+            raise ValueError("the tensorrt runtime runs TensorRT engines on an NVIDIA GPU, and torch sees none "
+                             "here; on this machine run an ONNX export with --runtime onnxruntime")
+        if device == "cpu":
+            device = "cuda"  # TensorRT has no CPU path: its default device is the first GPU
     check_device(device)
     if runtime is Runtime.torch:
         if expect_manifest_sha256 is not None:
@@ -69,10 +75,9 @@ def make_executor(
         from hita.runtimes.aoti import AotiExecutor
 
         return AotiExecutor(artifacts, device=device, expect_manifest_sha256=expect_manifest_sha256)
-    raise ValueError(
-        "the tensorrt runtime is not available in this release (no TensorRT executor yet); run the "
-        "folder's ONNX export with --runtime onnxruntime"
-    )
+    from hita.runtimes.tensorrt import TensorRTExecutor
+
+    return TensorRTExecutor(artifacts, device=device, expect_manifest_sha256=expect_manifest_sha256)
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -65,10 +65,25 @@ def cpp_build(tmp_path_factory) -> Future:
     return cpp_build_future(tmp_path_factory.getbasetemp() / "hita-cpp-build")
 
 
+def _tensorrt_missing() -> str | None:
+    """Why TensorRT tests cannot run here, or ``None`` when TensorRT and a GPU are both present."""
+    from hita.util.gpu import Unavailable, gpu_facts, import_tensorrt
+
+    try:
+        import_tensorrt()
+        gpu_facts()
+    except Unavailable as e:
+        return str(e)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    gpu_skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    trt_items = [i for i in items if "tensorrt" in i.keywords]
+    why = _tensorrt_missing() if trt_items else None
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if gpu_skip is not None and "gpu" in item.keywords:
+            item.add_marker(gpu_skip)
+    for item in trt_items:
+        if why is not None:
+            item.add_marker(pytest.mark.skip(reason=f"TensorRT tests need TensorRT and a GPU: {why}"))

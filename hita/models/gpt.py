@@ -271,10 +271,11 @@ class HitaGPT(nn.Module):
 
     def _positions(self, pos: Tensor) -> Positions:
         """Position treatment for the int64 positions pos (T,). Only gathers are used (slot row
-        clamp(pos, max=Nh-1), RoPE row clamp(pos-Nh, min=0)), so pos may be a traced tensor."""
+        min(pos, Nh-1), RoPE row max(pos-Nh, 0)), so pos may be a traced tensor. Min/Max, not clamp:
+        clamp exports as ONNX Clip, which TensorRT's parser does not take on integers."""
         nh, cfg = self.cfg.n_holistic, self.cfg
-        slot = self.slot_pos(pos.clamp(max=nh - 1)).unflatten(-1, (cfg.n_head, cfg.head_dim))
-        rope = self.freqs_cis[(pos - nh).clamp(min=0)]  # (T, hd/2, 2)
+        slot = self.slot_pos(torch.minimum(pos, pos.new_tensor(nh - 1))).unflatten(-1, (cfg.n_head, cfg.head_dim))
+        rope = self.freqs_cis[torch.maximum(pos - nh, pos.new_tensor(0))]  # (T, hd/2, 2)
         return Positions((pos < nh).view(-1, 1, 1), slot, rope)  # slot: (T, H, hd)
 
     # -- training ------------------------------------------------------------------------------

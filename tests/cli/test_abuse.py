@@ -39,7 +39,8 @@ def _one_error_line(res) -> str:
         (["--classes", "0-30"], "class id 30 out of range [0, 10)"),
         (["--classes", "5-2"], "class range '5-2' runs backwards; write it as 2-5"),
         (["--per-class", "1000000000"], "must be in 1..1000000"),
-        (["--runtime", "tensorrt", "--artifacts", "."], "the tensorrt runtime is not available"),
+        (["--runtime", "tensorrt", "--artifacts", "."], "the tensorrt runtime runs TensorRT engines on an NVIDIA GPU"
+         if not torch.cuda.is_available() else "tensorrt"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
         (["--runtime", "onnxruntime", "--artifacts", ".", "--precision", "bf16"], "fixed at export"),
         (["--runtime", "onnxruntime", "--artifacts", ".", "--pos128", "consistent"], "fixed at export"),
