@@ -7,6 +7,9 @@ and returns the path of ``hita-host``; the same as the one documented command::
         -DCMAKE_PREFIX_PATH="$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \\
         && cmake --build build/cpp -j
 
+Besides cmake and a C++ compiler the host needs ``apt-get install nlohmann-json3-dev libstb-dev
+libcli11-dev libssl-dev``; when one is missing, :class:`CppBuildError` is that one line.
+
 :func:`run_host` runs the binary on an AOTI artifacts folder with the loop's
 :class:`~hita.runtimes.sampling.SamplingOptions` and reads back its JSON report (tokens, per-step
 milliseconds, PNG paths). The host draws the same tokens as ``generate_tokens`` over
@@ -107,10 +110,18 @@ def torch_cmake_prefix() -> str:
 def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
+class _MissingDependency(CppBuildError):
+    """CMake found no copy of a library the host needs; a newer C++ standard will not help."""
+
 def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise CppBuildError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...\n{_tail(proc.stdout + proc.stderr)}")
+        output = proc.stdout + proc.stderr
+        # runtimes/cpp/CMakeLists.txt names a missing library and its apt package on one line.
+        missing = next((ln.strip() for ln in output.splitlines() if ln.strip().startswith("hita-host: ")), None)
+        if missing is not None:
+            raise _MissingDependency(missing.removeprefix("hita-host: "))
+        raise CppBuildError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...\n{_tail(output)}")
     return proc
 
 def build_host(
@@ -139,8 +150,9 @@ def build_host(
     Returns:
         :class:`BuildResult`.
     Raises:
-        CppBuildError: cmake or a C++ compiler is missing, or configuring/compiling failed (the
-            message ends with the tail of the tool's output).
+        CppBuildError: cmake, a C++ compiler or a library is missing (for a library the message is
+            one line naming the apt packages), or configuring/compiling failed (the message ends
+            with the tail of the tool's output).
     """
     if cxx_standard not in (17, 20):
         raise ValueError(f"cxx_standard must be 17 or 20, got {cxx_standard}")
@@ -164,7 +176,7 @@ def build_host(
             _run([cmake, "--build", str(out), "-j", str(jobs)], f"C++{std} build")
             break
         except CppBuildError as e:
-            if i + 1 == len(standards):
+            if i + 1 == len(standards) or isinstance(e, _MissingDependency):
                 raise
             log(f"C++{std} build failed; retrying with C++{standards[i + 1]}: {str(e).splitlines()[0]}")
     seconds = time.perf_counter() - t0
@@ -194,12 +206,13 @@ def run_host(
     row_offset: int = 0,
     threads: int | None = None,
     timeout: float | None = None,
+    expect_manifest_sha256: str | None = None,
 ) -> HostRun:
     """Run ``hita-host`` once and parse its ``--json`` report.
 
     Args:
         binary: path of ``hita-host`` (from :func:`build_host`).
-        artifacts: an AOTI artifacts folder.
+        artifacts: an AOTI artifacts folder (manifest format 2).
         class_ids: one id per image.
         options: sampling options (the same object the Python loop takes).
         out_dir: folder for the PNGs; ``None`` = tokens only (``--no-images``).
@@ -207,6 +220,9 @@ def run_host(
         row_offset: global index of the first image in the noise stream.
         threads: intra-op threads (``None`` = libtorch's default).
         timeout: seconds before the run is killed.
+        expect_manifest_sha256: pin: the host refuses any ``manifest.json`` whose sha256 differs
+            (:func:`hita.export.manifest.manifest_sha256` of the reviewed export). Required for
+            AOTI folders when ``HITA_REQUIRE_PINNED=1`` is set.
     Returns:
         :class:`HostRun` (``tokens, seconds = run_host(...)`` also works).
     Raises:
@@ -218,6 +234,8 @@ def run_host(
     cmd += ["--out", str(out_dir)] if out_dir is not None else ["--no-images"]
     if threads:
         cmd += ["--threads", str(int(threads))]
+    if expect_manifest_sha256 is not None:
+        cmd += ["--expect-manifest-sha256", expect_manifest_sha256]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     wall = time.perf_counter() - t0

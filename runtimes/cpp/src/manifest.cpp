@@ -1,164 +1,276 @@
 #include "manifest.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
-#include <filesystem>
-#include <fstream>
-#include <sstream>
-
-#include "json.h"
-#include "util.h"
-
-namespace fs = std::filesystem;
+#include <cctype>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+#include <set>
 
 namespace hita::detail {
 namespace {
 
-constexpr int64_t kFormatVersion = 1;
-constexpr const char* kManifest = "manifest.json";
-constexpr const char* kChecksumKey = "manifest_sha256";
-constexpr const char* kFix = "re-run `hita export --engine aoti`";
+using nlohmann::json;
 
-std::string read_text(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  if (!f) throw HostError(p.string() + ": cannot be read; " + kFix);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+// A field of the wrong type or value; becomes "manifest.json: invalid content (...)".
+struct Invalid : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string py_str(const std::string& s) { return "'" + s + "'"; }
+
+std::string py_list(const std::vector<std::string>& items) {  // Python's repr of a list of str
+  std::string out = "[";
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + py_str(items[i]);
+  return out + "]";
 }
 
-// Shape entry of a signature: an int size or a symbolic axis name (-1 here).
-int64_t dim_at(const Json& tensor, size_t i) {
-  const Json& shape = tensor.at("shape", "signature");
-  if (!shape.is_array() || i >= shape.items.size()) throw std::runtime_error("signature: short shape");
-  return shape.items[i].is_number() ? shape.items[i].as_int("shape") : -1;
+const json& member(const json& obj, const std::string& key, const std::string& where) {
+  auto it = obj.find(key);
+  if (it == obj.end()) throw Invalid(where + key + " is missing");
+  return *it;
 }
 
-const Json& graph_entry(const Json& graphs, const std::string& name) {
-  const Json* g = graphs.find(name);
-  if (!g || !g->is_object())
-    throw HostError(std::string(kManifest) + ": no graph '" + name + "'; " + kFix);
-  return *g;
+std::string str_field(const json& obj, const std::string& key, const std::string& where) {
+  const json& v = member(obj, key, where);
+  if (!v.is_string()) throw Invalid(where + key + " must be a JSON str");
+  return v.get<std::string>();
+}
+
+int64_t int_field(const json& obj, const std::string& key, const std::string& where, int64_t min) {
+  const json& v = member(obj, key, where);
+  if (!v.is_number_integer() || v.get<int64_t>() < min)
+    throw Invalid(where + key + " must be an integer >= " + std::to_string(min));
+  return v.get<int64_t>();
+}
+
+// Flat folders only: a name is one visible path component, never the manifest or its checksum,
+// so no entry can reach outside the folder ("../x", "/etc/passwd") or shadow the manifest.
+void check_file_name(const std::string& name) {
+  const bool plain = !name.empty() && name != kManifestName && name != kChecksumName && name[0] != '.' &&
+                     name.find_first_of(std::string("/\\\0", 3)) == std::string::npos;
+  if (!plain)
+    throw Invalid("artifact file name " + py_str(name) + " must be a plain, visible file name other than " +
+                  kManifestName);
+}
+
+// inputs/outputs: [{"name": ..., "dtype": ..., "shape": [...]}, ...]; mutates: ["name", ...].
+std::vector<std::string> tensor_names(const json& list, const std::string& where, bool objects) {
+  if (!list.is_array()) throw Invalid(where + " must be a JSON list");
+  std::vector<std::string> names;
+  for (const json& t : list) {
+    if (objects && t.is_object()) names.push_back(str_field(t, "name", where + " entry "));
+    else if (!objects && t.is_string()) names.push_back(t.get<std::string>());
+    else throw Invalid(where + (objects ? " entries must be tensor objects" : " entries must be tensor names"));
+  }
+  return names;
+}
+
+GraphEntry parse_graph(const std::string& name, const json& g) {
+  const std::string where = "graph '" + name + "' ";
+  if (!g.is_object()) throw Invalid("graph " + py_str(name) + " must be an object with a 'file' name");
+  GraphEntry e;
+  e.file = str_field(g, "file", where);
+  check_file_name(e.file);
+  e.inputs = tensor_names(member(g, "inputs", where), where + "inputs", true);
+  e.outputs = tensor_names(member(g, "outputs", where), where + "outputs", true);
+  if (g.contains("mutates")) e.mutates = tensor_names(g["mutates"], where + "mutates", false);
+  return e;
+}
+
+void check_keys(const json& m, const std::string& mpath) {
+  static const std::set<std::string> required = {"engine", "tokenizer_preset", "tokenizer_config", "gpt_preset",
+                                                 "gpt_config", "pos128", "precision", "device", "versions", "graphs"};
+  static const std::set<std::string> optional = {"files", "checkpoints", "options", "created", "format_version"};
+  std::vector<std::string> unknown, missing;
+  for (const auto& kv : m.items())
+    if (!required.count(kv.key()) && !optional.count(kv.key())) unknown.push_back(kv.key());
+  for (const auto& k : required)
+    if (!m.contains(k)) missing.push_back(k);
+  if (!unknown.empty() || !missing.empty())
+    throw HostError(mpath + ": unknown keys " + py_list(unknown) + ", missing keys " + py_list(missing) +
+                    "; the folder was not written by this hita version; re-run `hita export`");
+}
+
+// The JSON object -> Manifest, every field type checked (Python: Manifest.from_dict).
+Manifest parse_fields(const json& m, const std::string& root) {
+  Manifest out;
+  out.root = root;
+  ModelInfo& info = out.info;
+  for (const char* key : {"tokenizer_config", "gpt_config", "versions", "graphs", "files", "checkpoints", "options"})
+    if (m.contains(key) && !m[key].is_object()) throw Invalid(std::string(key) + " must be a JSON object");
+  if (m.contains("created") && !m["created"].is_string()) throw Invalid("created must be a JSON str");
+  info.engine = str_field(m, "engine", "");
+  info.gpt_preset = str_field(m, "gpt_preset", "");
+  info.tokenizer_preset = str_field(m, "tokenizer_preset", "");
+  info.device = str_field(m, "device", "");
+  info.precision = str_field(m, "precision", "");
+  info.pos128 = str_field(m, "pos128", "");
+  // The pos128 rule is baked into the decode graph; the host only reports it, but a value this
+  // hita does not know means a folder from another version.
+  if (info.pos128 != "reference" && info.pos128 != "consistent")
+    throw Invalid("pos128 must be 'reference' or 'consistent', got " + py_str(info.pos128));
+  if (info.precision != "float32" && info.precision != "bfloat16" && info.precision != "float16")
+    throw Invalid("precision must be float32, bfloat16 or float16, got " + py_str(info.precision));
+  const json& versions = m["versions"];
+  info.torch_version = versions.contains("torch") ? str_field(versions, "torch", "versions.") : "unknown";
+
+  const json& gpt = m["gpt_config"];
+  info.num_classes = int_field(gpt, "num_classes", "gpt_config: ", 1);
+  info.vocab_size = int_field(gpt, "vocab_size", "gpt_config: ", 2);
+  info.n_holistic = int_field(gpt, "n_holistic", "gpt_config: ", 1);
+  const int64_t grid = int_field(gpt, "grid", "gpt_config: ", 1);
+  info.n_patch = grid * grid;
+  info.n_layer = int_field(gpt, "n_layer", "gpt_config: ", 1);
+  info.n_head = int_field(gpt, "n_head", "gpt_config: ", 1);
+  info.head_dim = int_field(gpt, "dim", "gpt_config: ", 1) / info.n_head;
+  info.cache_len = (info.seq_len() + 1 + 7) / 8 * 8;  // GPTConfig.cache_len: class token + sequence, to 8
+  info.image_size = int_field(m["tokenizer_config"], "image_size", "tokenizer_config: ", 1);
+
+  for (const auto& g : m["graphs"].items()) out.graphs[g.key()] = parse_graph(g.key(), g.value());
+  if (m.contains("files")) {
+    for (const auto& f : m["files"].items()) {
+      check_file_name(f.key());
+      const json& e = f.value();
+      const bool ok = e.is_object() && e.contains("sha256") && e["sha256"].is_string() &&
+                      e["sha256"].get<std::string>().size() == 64 && e.contains("size") &&
+                      e["size"].is_number_integer() && e["size"].get<int64_t>() >= 0;
+      if (!ok) throw Invalid("files[" + py_str(f.key()) + "] must be {'sha256': 64 hex digits, 'size': bytes}");
+      out.files[f.key()] = {e["sha256"].get<std::string>(), e["size"].get<int64_t>()};
+    }
+  }
+  out.options_json = m.contains("options") ? m["options"].dump() : "{}";
+  out.versions_json = versions.dump();
+  return out;
+}
+
+// manifest.json and manifest.sha256 of one opened folder -> Manifest (Python: _read_manifest).
+Manifest read_manifest(const Folder& folder, const std::optional<std::string>& pin, const std::string& fix) {
+  const std::string mpath = folder.path() + "/" + kManifestName, cpath = folder.path() + "/" + kChecksumName;
+  const std::optional<std::string> data = folder.read(kManifestName);
+  if (!data) throw HostError(mpath + ": missing (not a hita artifacts folder, or the export did not finish); " + fix);
+  const std::optional<std::string> sum = folder.read(kChecksumName);
+  if (!sum) throw HostError(cpath + ": missing (written by an older hita, or the export did not finish); " + fix);
+  // sha256sum format: "<64 hex>  manifest.json"; the first word is the digest.
+  const size_t start = sum->find_first_not_of(" \t\r\n");
+  if (start == std::string::npos) throw HostError(cpath + ": unreadable (empty); " + fix);
+  const std::string recorded = sum->substr(start, sum->find_first_of(" \t\r\n", start) - start);
+  const std::string digest = sha256_hex(*data);
+  if (recorded != digest) throw HostError(mpath + ": content changed after export (checksum mismatch); " + fix);
+  if (pin) {
+    std::string want = *pin;
+    want.erase(0, want.find_first_not_of(" \t\r\n"));
+    want.erase(want.find_last_not_of(" \t\r\n") + 1);
+    std::transform(want.begin(), want.end(), want.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (digest != want)
+      throw HostError(mpath + ": manifest sha256 " + digest + " does not match the pinned " + want +
+                      "; this is not the export you reviewed");
+  }
+  json m;
+  try {
+    m = json::parse(*data);
+  } catch (const json::exception& e) {
+    throw HostError(mpath + ": unreadable (" + e.what() + "); " + fix);
+  }
+  if (!m.is_object()) throw HostError(mpath + ": not a JSON object; " + fix);
+  const auto version = m.find("format_version");
+  if (version == m.end() || !version->is_number_integer() || version->get<int64_t>() != kFormatVersion)
+    throw HostError(mpath + ": format version " + (version == m.end() ? "None" : version->dump()) +
+                    ", this hita reads version " + std::to_string(kFormatVersion) + "; re-export with this hita (" +
+                    fix + ")");
+  check_keys(m, mpath);
+  try {
+    Manifest out = parse_fields(m, folder.path());
+    out.info.manifest_sha256 = digest;
+    return out;
+  } catch (const Invalid& e) {
+    throw HostError(mpath + ": invalid content (" + e.what() + "); re-run `hita export`");
+  } catch (const json::exception& e) {  // a value out of int64 range and the like
+    throw HostError(mpath + ": invalid content (" + e.what() + "); re-run `hita export`");
+  }
+}
+
+// Python: _require_pin.
+void require_pin(const Manifest& m, const std::optional<std::string>& pin) {
+  const char* env = std::getenv(kPinEnv);
+  const bool required = env && std::string(env) != "" && std::string(env) != "0";
+  const auto& code = code_engines();
+  if (required && !pin && std::find(code.begin(), code.end(), m.info.engine) != code.end())
+    throw HostError(m.root + ": a " + m.info.engine + " folder contains executable code and " + kPinEnv +
+                    " is set; pass --expect-manifest-sha256 HEX (the sha256 of the reviewed export's manifest.json)");
+}
+
+VerifiedFolder verify(const Folder& folder, const std::optional<std::string>& pin,
+                      const std::vector<std::string>& engines) {
+  const std::string any = engines.size() == 1 ? engines[0] : "<engine>";
+  VerifiedFolder out{read_manifest(folder, pin, "re-run `hita export --engine " + any + "`"), {}};
+  const Manifest& m = out.manifest;
+  const std::string& root = m.root;
+  const std::string fix = "re-run `hita export --engine " + m.info.engine + "`";
+  if (std::find(engines.begin(), engines.end(), m.info.engine) == engines.end()) {
+    std::string names;
+    for (const auto& e : engines) names += (names.empty() ? "" : ", ") + e;
+    throw HostError(root + ": holds a " + py_str(m.info.engine) + " export, which this host cannot run (it runs " +
+                    names + "); point to an " + any + " artifacts folder or run `hita export --engine " + any + "`");
+  }
+  require_pin(m, pin);
+  for (const auto& [name, g] : m.graphs)
+    if (!m.files.count(g.file))
+      throw HostError(root + "/" + kManifestName + ": graph " + py_str(name) + " names " + py_str(g.file) +
+                      ", which is not listed; " + fix);
+  for (const auto& [name, entry] : m.files) {
+    const std::optional<struct stat> st = folder.stat(name);
+    if (!st || !S_ISREG(st->st_mode))
+      throw HostError(name + ": missing from " + root + " (or not a plain file); " + fix);
+    out.fingerprints[name] = fingerprint_of(*st);
+    if (st->st_size != entry.size)
+      throw HostError(name + ": " + std::to_string(st->st_size) + " bytes, manifest says " +
+                      std::to_string(entry.size) + " (truncated or replaced after export); " + fix);
+    if (folder.sha256(name) != entry.sha256)
+      throw HostError(name + ": sha256 mismatch (file changed after export); " + fix);
+  }
+  return out;
 }
 
 }  // namespace
 
-std::string public_version(const std::string& version) { return version.substr(0, version.find('+')); }
-
-Artifacts verify_artifacts(const std::string& dir, const std::string& device_kind,
-                           const std::string& torch_version) {
-  const fs::path root(dir);
-  if (!fs::is_directory(root)) throw HostError(dir + ": no such artifacts folder; create it with `hita export --engine aoti`");
-  const fs::path mpath = root / kManifest;
-  if (!fs::is_regular_file(mpath))
-    throw HostError(mpath.string() + ": missing (not a hita artifacts folder, or the export did not finish); " + kFix);
-  Json m;
-  try {
-    m = parse_json(read_text(mpath));
-  } catch (const HostError&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw HostError(mpath.string() + ": unreadable (" + e.what() + "); " + kFix);
-  }
-  if (!m.is_object()) throw HostError(mpath.string() + ": not a JSON object; " + kFix);
-
-  Artifacts out;
-  try {
-    const Json* version = m.find("format_version");
-    if (!version || !version->is_number() || version->number != static_cast<double>(kFormatVersion))
-      throw HostError(mpath.string() + ": format version " + (version ? version->canonical() : "None") +
-                      ", this host reads version " + std::to_string(kFormatVersion) + "; " + kFix);
-    // Content checksum: sha256 of json.dumps(body without the checksum, sort_keys, compact).
-    Json body = m;
-    body.members.erase(std::remove_if(body.members.begin(), body.members.end(),
-                                      [](const auto& kv) { return kv.first == kChecksumKey; }),
-                       body.members.end());
-    const Json* sum = m.find(kChecksumKey);
-    if (!sum || !sum->is_string() || sum->str != sha256_hex(body.canonical()))
-      throw HostError(mpath.string() + ": content changed after export (checksum mismatch); " + kFix);
-
-    const std::string& engine = m.at("engine", kManifest).as_string("engine");
-    if (engine != "aoti")
-      throw HostError(dir + ": holds a '" + engine + "' export, expected 'aoti'; point to an aoti artifacts "
-                      "folder or run `hita export --engine aoti`");
-
-    // Files: every graph's file is listed; every listed file exists with its size and sha256.
-    const Json& files = m.at("files", kManifest);
-    const Json& graphs = m.at("graphs", kManifest);
-    for (const auto& g : graphs.members) {
-      const std::string& file = g.second.at("file", "graph " + g.first).as_string("file");
-      if (!files.find(file))
-        throw HostError(mpath.string() + ": graph '" + g.first + "' names '" + file + "', which is not listed; " + kFix);
-    }
-    for (const auto& f : files.members) {
-      const fs::path p = root / f.first;
-      if (f.first.find('/') != std::string::npos || f.first.empty() || f.first[0] == '.')
-        throw HostError(mpath.string() + ": file name '" + f.first + "' is not a plain file name; " + kFix);
-      if (!fs::is_regular_file(p)) throw HostError(f.first + ": missing from " + dir + "; " + kFix);
-      const auto size = static_cast<int64_t>(fs::file_size(p));
-      const int64_t want = f.second.at("size", f.first).as_int("size");
-      if (size != want)
-        throw HostError(f.first + ": " + std::to_string(size) + " bytes, manifest says " + std::to_string(want) +
-                        " (truncated or replaced after export); " + kFix);
-      if (sha256_file(p.string()) != f.second.at("sha256", f.first).as_string("sha256"))
-        throw HostError(f.first + ": sha256 mismatch (file changed after export); " + kFix);
-    }
-
-    // Device kind and torch version: compiled C++ runs only where and with what it was built for.
-    const std::string& built_for = m.at("device", kManifest).as_string("device");
-    if (built_for != device_kind)
-      throw HostError(dir + ": packages were compiled for device '" + built_for + "' and cannot run on '" +
-                      device_kind + "'; export for this device with `hita export --engine aoti --device " +
-                      device_kind + "` or run with --device " + built_for);
-    const std::string& built_with = m.at("versions", kManifest).at("torch", "versions").as_string("torch");
-    if (public_version(built_with) != public_version(torch_version))
-      throw HostError(dir + ": packages were compiled with torch " + built_with + " but this host uses libtorch " +
-                      torch_version + "; AOTInductor packages load only in the torch version that built them; "
-                      "re-export with this torch or rebuild the host against torch " + public_version(built_with));
-
-    // Model facts.
-    ModelInfo& info = out.info;
-    const Json& gpt = m.at("gpt_config", kManifest);
-    const Json& tok = m.at("tokenizer_config", kManifest);
-    info.gpt_preset = m.at("gpt_preset", kManifest).as_string("gpt_preset");
-    info.tokenizer_preset = m.at("tokenizer_preset", kManifest).as_string("tokenizer_preset");
-    info.device = built_for;
-    info.torch_version = built_with;
-    info.precision = m.at("precision", kManifest).as_string("precision");
-    info.pos128 = m.at("pos128", kManifest).as_string("pos128");
-    info.num_classes = gpt.at("num_classes", "gpt_config").as_int("num_classes");
-    info.vocab_size = gpt.at("vocab_size", "gpt_config").as_int("vocab_size");
-    info.n_holistic = gpt.at("n_holistic", "gpt_config").as_int("n_holistic");
-    const int64_t grid = gpt.at("grid", "gpt_config").as_int("grid");
-    info.n_patch = grid * grid;
-    info.n_layer = gpt.at("n_layer", "gpt_config").as_int("n_layer");
-    info.image_size = tok.at("image_size", "tokenizer_config").as_int("image_size");
-    if (info.precision != "float32" && info.precision != "bfloat16" && info.precision != "float16")
-      throw HostError(mpath.string() + ": unsupported precision '" + info.precision + "'; " + kFix);
-
-    const Json& step = graph_entry(graphs, "decode_step");
-    const Json& inputs = step.at("inputs", "decode_step");
-    if (!inputs.is_array() || inputs.items.size() != static_cast<size_t>(2 + 2 * info.n_layer))
-      throw HostError("decode_step: signature does not have token, position and 2 x n_layer caches; " + std::string(kFix));
-    info.n_head = dim_at(inputs.items[2], 1);
-    info.cache_len = dim_at(inputs.items[2], 2);
-    info.head_dim = dim_at(inputs.items[2], 3);
-    const Json* mutates = step.find("mutates");
-    if (!mutates || !mutates->is_array() || mutates->items.size() != static_cast<size_t>(2 * info.n_layer))
-      throw HostError("decode_step: the manifest does not declare the in-place KV cache this host drives; " +
-                      std::string(kFix) + " with this hita");
-    const Json& outputs = step.at("outputs", "decode_step");
-    if (!outputs.is_array() || outputs.items.size() != 1)
-      throw HostError("decode_step: expected a single 'logits' output (in-place cache); " + std::string(kFix));
-
-    out.decoder = (root / graph_entry(graphs, "decoder").at("file", "decoder").as_string("file")).string();
-    out.prefill = (root / graph_entry(graphs, "prefill").at("file", "prefill").as_string("file")).string();
-    out.decode_step = (root / step.at("file", "decode_step").as_string("file")).string();
-  } catch (const HostError&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw HostError(mpath.string() + ": invalid content (" + e.what() + "); " + kFix);
-  }
-  return out;
+const std::vector<std::string>& code_engines() {
+  static const std::vector<std::string> engines = {"aoti", "tensorrt"};
+  return engines;
 }
+
+const GraphEntry& Manifest::graph(const std::string& name) const {
+  auto it = graphs.find(name);
+  if (it != graphs.end()) return it->second;
+  std::string have;
+  for (const auto& g : graphs) have += (have.empty() ? "" : ", ") + g.first;
+  throw HostError(std::string(kManifestName) + ": no graph " + py_str(name) + " (has " +
+                  (have.empty() ? "none" : have) + "); re-run `hita export --engine " + info.engine + "`");
+}
+
+VerifiedFolder open_artifacts(const std::string& dir, const std::optional<std::string>& expect_sha256,
+                              const std::vector<std::string>& engines) {
+  for (int attempt = 0;; ++attempt) {
+    Folder folder(dir);
+    try {
+      return verify(folder, expect_sha256, engines);
+    } catch (const HostError&) {
+      // A concurrent export replaced the folder while it was read: read the new one.
+      if (attempt == 2 || !folder.replaced()) throw;
+    }
+  }
+}
+
+void check_unchanged(const std::string& root, const std::map<std::string, Fingerprint>& fingerprints) {
+  for (const auto& [name, fp] : fingerprints) {
+    struct stat st {};
+    if (::stat((root + "/" + name).c_str(), &st) != 0 || !(fingerprint_of(st) == fp))
+      throw HostError(name + ": changed while it was being loaded (replaced by another process?); "
+                      "load the folder again");
+  }
+}
+
+std::string public_version(const std::string& version) { return version.substr(0, version.find('+')); }
 
 }  // namespace hita::detail

@@ -1,5 +1,5 @@
-// hita C++ host: runs an AOTInductor artifacts folder (`hita export --engine aoti`) end to end:
-// prefill, every decode step, classifier-free guidance, sampling, and decoding tokens to pixels.
+// hita C++ host: runs an artifacts folder (`hita export --engine aoti`) end to end: prefill, every
+// decode step, classifier-free guidance, sampling, and decoding tokens to pixels.
 //
 // The header is plain C++17 and includes no torch header, so a service can embed the host with
 // its own compiler settings; it links against libhita_host and the libtorch of the torch wheel
@@ -9,10 +9,15 @@
 // kernels for CFG, temperature, top-k, top-p, float32 softmax and float64 cumulative sum, and the
 // same counter-based noise), so for the same artifacts, class ids and options the host draws the
 // same tokens as `hita generate --runtime aoti`.
+//
+// Trust: an AOTInductor folder is compiled code that runs inside this process. The manifest checks
+// prove a folder is intact, not who wrote it; pin the export you reviewed (expect_manifest_sha256),
+// and set HITA_REQUIRE_PINNED=1 to refuse unpinned code-bearing folders.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -53,27 +58,32 @@ struct Generation {
   std::vector<int64_t> class_ids;
   std::vector<std::vector<int64_t>> tokens;  // [n][n_holistic + n_patch], holistic first
   std::vector<Image> images;                 // empty when decoding was not requested
-  double prefill_ms = 0;                     // prefill + first draw
+  double prefill_ms = 0;                     // prefill + first draw (summed over chunks)
   std::vector<double> step_ms;               // one entry per decode step (forward + draw)
-  std::vector<double> forward_ms;            // the package call alone (+ logits to the CPU), per step
+  std::vector<double> forward_ms;            // the executor call alone (+ logits to the CPU), per step
   double decode_image_ms = 0;
   double total_ms = 0;
 };
 
 // Facts read from manifest.json.
 struct ModelInfo {
+  std::string engine, manifest_sha256;  // the engine kind and the sha256 of manifest.json's bytes
   std::string gpt_preset, tokenizer_preset, device, torch_version, precision, pos128;
   int64_t num_classes = 0, vocab_size = 0, n_holistic = 0, n_patch = 0;
   int64_t n_layer = 0, n_head = 0, cache_len = 0, head_dim = 0, image_size = 0;
   int64_t seq_len() const { return n_holistic + n_patch; }
+  int64_t null_class() const { return num_classes; }  // class-table row of the CFG null rows
 };
 
 class Host {
  public:
-  // Opens and verifies an artifacts folder: manifest format version and content checksum,
-  // engine "aoti", every file's size and sha256, the device kind and the torch version the
-  // packages were compiled with. device: "cpu" or "cuda[:i]". Throws HostError on any mismatch.
-  explicit Host(const std::string& artifacts_dir, const std::string& device = "cpu");
+  // Opens and verifies an artifacts folder as Python's load_manifest does: manifest.json's bytes
+  // against manifest.sha256 (and the pin), format version, field types, an engine this host runs,
+  // the HITA_REQUIRE_PINNED policy, every file's size and sha256; then the backend's own checks
+  // (AOTI: device kind and torch version the packages were compiled with) and loading.
+  // device: "cpu" or "cuda[:i]". Throws HostError on any mismatch.
+  explicit Host(const std::string& artifacts_dir, const std::string& device = "cpu",
+                const std::optional<std::string>& expect_manifest_sha256 = std::nullopt);
   ~Host();
   Host(const Host&) = delete;
   Host& operator=(const Host&) = delete;
