@@ -38,6 +38,8 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     resize: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Resize outputs (bicubic), e.g. 256 as the reference evaluates.")] = None,
     expect_manifest_sha256: PIN_OPT = None,
+    cuda_graphs: Annotated[bool, typer.Option(
+        "--cuda-graphs", help="torch runtime on CUDA: replay the decode step as one CUDA graph.")] = False,
 ) -> None:
     """Generate class-conditional images (one PNG each, plus grid.png)."""
     from hita.jobs.generate import check_output_dir, generate_to_dir, parse_classes
@@ -59,6 +61,8 @@ def generate(
                              "from the artifacts' manifest (drop them, or re-export)")
         if artifacts is None:
             raise ValueError(f"the {runtime.value} runtime needs --artifacts DIR (made by `hita export`)")
+        if cuda_graphs:
+            raise ValueError("--cuda-graphs applies to --runtime torch (the tensorrt runtime replays its own graphs)")
         check_output_dir(out)
         ex = make_executor(runtime, artifacts=artifacts, device=device, expect_manifest_sha256=expect_manifest_sha256)
     else:
@@ -70,7 +74,8 @@ def generate(
         gpt, tokenizer, names = resolve_checkpoints(gpt, tokenizer)
         check_output_dir(out)
         ex = make_executor(runtime, gpt=gpt, tokenizer=tokenizer, device=device,
-                           dtype=(precision or Precision.fp32).dtype, pos128=(pos128 or Pos128.reference).value)
+                           dtype=(precision or Precision.fp32).dtype, pos128=(pos128 or Pos128.reference).value,
+                           cuda_graphs=cuda_graphs)
     n_classes = ex.gpt_config.num_classes
     if classes is None:
         if n_classes > 100:

@@ -35,6 +35,7 @@ def make_executor(
     dtype: torch.dtype = torch.float32,
     pos128: str = "reference",
     expect_manifest_sha256: str | None = None,
+    cuda_graphs: bool = False,
 ) -> StepExecutor:
     """Return a ready executor.
 
@@ -43,6 +44,7 @@ def make_executor(
         gpt, tokenizer: checkpoint paths (released ``.pt`` or our ``.safetensors``); torch runtime.
         artifacts: an exported artifacts folder (manifest-checked); artifact runtimes.
         expect_manifest_sha256: pin the reviewed export (artifact runtimes; refused for torch).
+        cuda_graphs: torch runtime on CUDA: capture the decode step once and replay it every step.
     """
     runtime = Runtime(runtime)
     if runtime is Runtime.tensorrt:
@@ -64,7 +66,7 @@ def make_executor(
         tok = load_tokenizer(tokenizer, tokenizer_preset, device=device)
         g = load_gpt(gpt, gpt_preset, device=device, dtype=dtype)
         check_pair(tok.cfg, g.cfg)
-        return TorchExecutor(g, tok, device=device, dtype=dtype, pos128=pos128)
+        return TorchExecutor(g, tok, device=device, dtype=dtype, pos128=pos128, cuda_graphs=cuda_graphs)
     if artifacts is None:
         raise ValueError(f"the {runtime.value} runtime needs --artifacts DIR (made by `hita export`)")
     if runtime is Runtime.onnxruntime:

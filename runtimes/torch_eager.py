@@ -5,6 +5,12 @@ Runs :class:`~hita.models.gpt.HitaGPT` step by step with a static KV cache that 
 images with :class:`~hita.models.tokenizer.HitaTokenizer` in float32 (the reference keeps the
 tokenizer in fp32 even when the GPT runs in bf16, spec 5). Everything runs under
 ``torch.inference_mode``. No sampling happens here (see ``runtimes/loop.py``).
+
+On CUDA, ``cuda_graphs=True`` captures the decode step once per batch (gpt-fast style): the cache
+is static and written in place, the token and position live in fixed device buffers, and the step
+has no data-dependent host control flow (positions act through gathers and masks), so one graph
+serves all 568 steps. Each step is then a buffer copy and one graph replay instead of hundreds of
+kernel launches from Python, which is what bounds small-batch decode on a GPU.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ class TorchExecutor(StepExecutor):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         pos128: str = "reference",
+        cuda_graphs: bool = False,
     ) -> None:
         if pos128 not in _POS128:
             raise ValueError(f"pos128 must be one of {_POS128}, got {pos128!r} (see spec section 8.1)")
@@ -58,6 +65,10 @@ class TorchExecutor(StepExecutor):
         self.dtype = dtype
         self.kv_itemsize = dtype.itemsize
         self.pos128 = pos128
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device; drop it on the CPU")
+        self.cuda_graphs = cuda_graphs
+        self._graph: torch.cuda.CUDAGraph | None = None
         self.gpt = gpt.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = None if tokenizer is None else tokenizer.to(self.device, torch.float32).eval()
         self.gpt_config = gpt.cfg
@@ -72,9 +83,12 @@ class TorchExecutor(StepExecutor):
         """Allocate zeroed caches for ``batch`` rows. See :meth:`StepExecutor.start`."""
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
-        self._k = self._v = None  # free the old cache before allocating the new one
+        self._k = self._v = None  # free the old cache (and graph) before allocating the new one
+        self._graph = None
         with torch.inference_mode():
             self._k, self._v = self.gpt.new_caches(batch, dtype=self.dtype, device=self.device)
+            self._tok_buf = torch.zeros(batch, dtype=torch.int64, device=self.device)   # [B]
+            self._pos_buf = torch.ones(1, dtype=torch.int64, device=self.device)        # [1]
         self._batch = batch
 
     def _check_rows(self, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -100,12 +114,38 @@ class TorchExecutor(StepExecutor):
         last = self.gpt_config.seq_len - 1
         if not 1 <= int(pos) <= last:
             raise ValueError(f"decode position {pos} out of range [1, {last}] for this GPT")
-        p = torch.tensor([int(pos)], dtype=torch.int64, device=self.device)   # [1]
         with torch.inference_mode():
+            self._tok_buf.copy_(toks)
+            self._pos_buf.fill_(int(pos))
+            if self.cuda_graphs:
+                if self._graph is None:
+                    self._capture()
+                self._graph.replay()
+                return self._graph_logits                                      # [B, V], static
             logits, self._k, self._v = self.gpt.decode(
-                toks, p, self._k, self._v, pos128=self.pos128, inplace=True
+                self._tok_buf, self._pos_buf, self._k, self._v, pos128=self.pos128, inplace=True
             )
         return logits                                                          # [B, V]
+
+    def _step(self) -> torch.Tensor:
+        logits, _, _ = self.gpt.decode(self._tok_buf, self._pos_buf, self._k, self._v, pos128=self.pos128,
+                                       inplace=True)
+        return logits
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (allocator and cuBLAS workspaces settle), then capture one step.
+        Warm-up runs write the current token's slot, which the real step rewrites with the same
+        values, so they leave the cache as it would be."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_logits = self._step()
+        self._graph = graph
 
     # -- pixels ------------------------------------------------------------------------------
 

@@ -304,3 +304,21 @@ def test_device_sampling_on_cuda_matches_the_host():
     # that lands within rounding of a bucket edge could differ. Measured agreement is reported.
     agree = (dev.tokens == host.tokens).float().mean().item()
     assert agree >= 0.999, agree
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager_on_cuda(dtype):
+    opts = SamplingOptions(cfg_scale=2.0, top_k=50, seed=7)
+    eager = generate_tokens(TorchExecutor(_tiny_gpt(), device="cuda", dtype=dtype), [1, 4, 6], opts,
+                            record_logits=True)
+    graphed = generate_tokens(TorchExecutor(_tiny_gpt(), device="cuda", dtype=dtype, cuda_graphs=True), [1, 4, 6],
+                              opts, record_logits=True)
+    # The replayed kernels are the eager ones, so logits are bit-identical and so are the tokens.
+    assert torch.equal(graphed.logits, eager.logits)
+    assert torch.equal(graphed.tokens, eager.tokens)
+
+
+def test_cuda_graphs_are_refused_on_the_cpu():
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        TorchExecutor(_tiny_gpt(), cuda_graphs=True)
