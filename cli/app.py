@@ -19,7 +19,7 @@ app = typer.Typer(
 
 # One module per command (or command group); each defines `register(app: typer.Typer) -> None`.
 COMMAND_MODULES: tuple[str, ...] = (
-    "demo", "generate", "export", "parity",
+    "demo", "generate", "export", "parity", "calibrate",
     "train", "codes",
     "convert", "build_cpp", "doctor",
 )
@@ -29,7 +29,31 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    """Entry point: option parsing errors become one ``error:`` line too (exit 2), not a usage box."""
+    import sys
+
+    from typer.exceptions import Abort
+
+    try:  # typer 0.29 vendors click; older typer uses the click package
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+
+    from hita.cli.common import printable
+
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as e:
+        message = e.format_message().strip().rstrip(".")
+        if message:  # (bare `hita` prints the help and exits 2 with nothing more to say)
+            cmd = e.ctx.command_path if e.ctx is not None else "hita"
+            print(f"error: {printable(message)}; see `{cmd} --help`", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Abort:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

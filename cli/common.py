@@ -34,8 +34,14 @@ class Pos128(str, Enum):
     consistent = "consistent"
 
 
+def printable(message: str) -> str:
+    """``message`` on one line with control characters escaped: names from hostile files (a
+    terminal escape, a newline in a manifest entry) must not reach the terminal raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -67,7 +73,10 @@ def _is_user_error(e: Exception) -> bool:
     # runtime error types subclass it too (ArtifactError, SignatureError, ParityError).
     from hita.export.errors import ExportError
 
-    return isinstance(e, (ValueError, ExportError, FileNotFoundError, NotADirectoryError, PermissionError))
+    # FloatingPointError: the sampler found no finite probability mass (NaN/inf logits); its message
+    # names the cause and the fix.
+    return isinstance(e, (ValueError, ExportError, FileNotFoundError, NotADirectoryError, PermissionError,
+                          FloatingPointError))
 
 
 def progress_enabled() -> bool:

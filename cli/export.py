@@ -30,6 +30,33 @@ class HardwareCompat(str, Enum):
     same_cc = "same-cc"
 
 
+class ExportPrecision(str, Enum):
+    """fp32 / bf16 graphs, or a quantization recipe (``hita.calibration.recipes``) applied to fp32 ONNX."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8_weight = "int8-weight"
+    int4_weight = "int4-weight"
+    int8 = "int8"
+    fp8 = "fp8"
+
+    @property
+    def quantized(self) -> bool:
+        return self.value not in ("fp32", "bf16")
+
+    @property
+    def dtype(self):
+        return Precision(self.value).dtype
+
+
+class Calibrator(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+    distribution = "distribution"
+    max = "max"
+
+
 @user_errors
 def export(
     out: Annotated[Path, typer.Option("--out", help="Artifacts folder to write (replaced atomically).")],
@@ -38,7 +65,13 @@ def export(
     tokenizer: TOK_OPT = None,
     gpt_preset: Annotated[Optional[str], typer.Option(help="GPT preset (inferred from shapes when omitted).")] = None,
     tokenizer_preset: Annotated[Optional[str], typer.Option(help="Tokenizer preset (inferred when omitted).")] = None,
-    precision: Annotated[Precision, typer.Option(help="GPT graph precision (the decoder stays fp32).")] = Precision.fp32,
+    precision: Annotated[ExportPrecision, typer.Option(
+        help="GPT graph precision (the decoder stays fp32), or a quantization recipe for --engine onnx: int8-weight / "
+             "int4-weight (ONNX Runtime MatMulNBits), int8 / fp8 (Q/DQ, need --calibration).")] = ExportPrecision.fp32,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="Calibration set from `hita calibrate` (int8, fp8; optional check data for weight-only).")] = None,
+    calibrator: Annotated[Optional[Calibrator], typer.Option(
+        help="Activation calibrator (int8: minmax, entropy or percentile; fp8: max or distribution).")] = None,
     pos128: Annotated[Pos128, typer.Option(help="Embedding rule at position 128 baked into the decode step.")] = Pos128.reference,
     opset: Annotated[int, typer.Option(min=18, max=23, help="ONNX opset.")] = 18,
     kv_write: Annotated[Optional[KvWrite], typer.Option(
@@ -68,6 +101,10 @@ def export(
 
     if engine is Engine.trt:
         engine = Engine.tensorrt
+    if precision.quantized or calibration is not None or calibrator is not None:
+        _export_quantized(out, engine, precision, calibration, calibrator, from_onnx, gpt, tokenizer, gpt_preset,
+                          tokenizer_preset, pos128, opset, kv_write, skip_validation, max_batch, device)
+        return
     if engine is Engine.tensorrt:
         _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_preset, precision, pos128,
                          skip_validation, max_batch, kv_write,
@@ -100,6 +137,52 @@ def export(
         export_aoti(g, tok, out, device=device, pos128=pos128.value, dtype=precision.dtype,
                     validate=not skip_validation, checkpoints=sources, max_batch=max_batch)
     typer.echo(f"wrote {out} ({engine.value}; {g.cfg.name} + {tok.cfg.name}, {precision.value}, pos128={pos128.value})")
+    typer.echo(f"manifest sha256 {manifest_sha256(out)} (pin it: --expect-manifest-sha256)")
+
+
+def _export_quantized(out, engine, precision, calibration, calibrator, from_onnx, gpt, tokenizer, gpt_preset,
+                      tokenizer_preset, pos128, opset, kv_write, skip_validation, max_batch, device) -> None:
+    """``--precision int8-weight|int4-weight|int8|fp8``: an fp32 ONNX export (made now, or --from-onnx)
+    quantized by the recipe (``hita.calibration.export``); every option checked before any work."""
+    from hita.calibration.export import export_quantized
+    from hita.calibration.recipes import recipe
+    from hita.export.manifest import check_output_folder, manifest_sha256
+
+    if not precision.quantized:
+        raise ValueError(f"--calibration and --calibrator apply to quantized precisions (int8-weight, int4-weight, "
+                         f"int8, fp8), not {precision.value}")
+    if engine is not Engine.onnx:
+        fix = ("build engines from it with `--engine tensorrt --from-onnx DIR`" if engine is Engine.tensorrt
+               else "AOTInductor has no quantized path here")
+        raise ValueError(f"--precision {precision.value} makes an ONNX folder: run `hita export --engine onnx "
+                         f"--precision {precision.value}`; {fix}")
+    if skip_validation:
+        raise ValueError("quantized exports always check their graphs against fp32; drop --skip-validation")
+    if device != "cpu":
+        raise ValueError("ONNX graphs are quantized and checked on the CPU; drop --device")
+    rec = recipe(precision.value)
+    rec.check_calibrator(None if calibrator is None else calibrator.value)
+    if rec.needs_calibration and calibration is None:
+        raise ValueError(f"--precision {rec.name} calibrates activations: pass --calibration SET (collect one with "
+                         "`hita calibrate --out SET`, same --gpt/--tokenizer)")
+    check_output_folder(out)  # before loading anything
+    common = dict(calibration=calibration, calibrator=None if calibrator is None else calibrator.value)
+    if from_onnx is not None:
+        if gpt is not None or tokenizer is not None:
+            raise ValueError("--from-onnx quantizes that fp32 ONNX folder; drop --gpt/--tokenizer")
+        export_quantized(out, rec.name, from_onnx=from_onnx, **common)
+    else:
+        from hita.checkpoint import load_gpt, load_tokenizer
+        from hita.config import check_pair
+
+        gpt_path, tok_path, _ = resolve_checkpoints(gpt, tokenizer)
+        tok = load_tokenizer(tok_path, tokenizer_preset)
+        g = load_gpt(gpt_path, gpt_preset)
+        check_pair(tok.cfg, g.cfg)
+        export_quantized(out, rec.name, gpt=g, tokenizer=tok, checkpoints={"gpt": gpt_path, "tokenizer": tok_path},
+                         opset=opset, pos128=pos128.value, kv_write=(kv_write or KvWrite.scatter).value,
+                         max_batch=max_batch, **common)
+    typer.echo(f"wrote {out} (onnx, {rec.name}: {rec.runtime_note})")
     typer.echo(f"manifest sha256 {manifest_sha256(out)} (pin it: --expect-manifest-sha256)")
 
 

@@ -63,7 +63,7 @@ def generate(
             raise ValueError(f"the {runtime.value} runtime needs --artifacts DIR (made by `hita export`)")
         if cuda_graphs:
             raise ValueError("--cuda-graphs applies to --runtime torch (the tensorrt runtime replays its own graphs)")
-        check_output_dir(out)
+        check_output_dir(out, kind="generate")
         ex = make_executor(runtime, artifacts=artifacts, device=device, expect_manifest_sha256=expect_manifest_sha256)
     else:
         if artifacts is not None:
@@ -72,7 +72,7 @@ def generate(
         if expect_manifest_sha256 is not None:
             raise ValueError("--expect-manifest-sha256 pins an artifacts folder; the torch runtime runs checkpoints")
         gpt, tokenizer, names = resolve_checkpoints(gpt, tokenizer)
-        check_output_dir(out)
+        check_output_dir(out, kind="generate")
         ex = make_executor(runtime, gpt=gpt, tokenizer=tokenizer, device=device,
                            dtype=(precision or Precision.fp32).dtype, pos128=(pos128 or Pos128.reference).value,
                            cuda_graphs=cuda_graphs)

@@ -132,6 +132,16 @@ class Manifest:
                 object.__setattr__(self, f.name, json.loads(json.dumps(getattr(self, f.name))))
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine kind {self.engine!r}; use one of {', '.join(ENGINES)}")
+        if self.pos128 not in ("reference", "consistent"):
+            raise ValueError(f"pos128 must be 'reference' or 'consistent', got {self.pos128!r}")
+        if self.precision not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"precision must be float32, float16 or bfloat16, got {self.precision!r}")
+        # Option facts a runtime acts on must have their exact types ("yes" is not True).
+        for key, want in (("validated", bool), ("kv_inplace_verified", bool), ("max_batch", int)):
+            value = self.options.get(key)
+            if value is not None and (type(value) is not want or (want is int and not 1 <= value <= 4096)):
+                raise ValueError(f"options.{key} must be a JSON {'boolean' if want is bool else 'integer in 1..4096'}, "
+                                 f"got {value!r}")
         for name, g in self.graphs.items():
             if not isinstance(g, dict) or not isinstance(g.get("file"), str):
                 raise ValueError(f"graph {name!r} must be an object with a 'file' name")
@@ -578,6 +588,39 @@ def _load(root: Path, dir_fd: int, expect_engine: str | None, verify_files: bool
         if verify_files and _fd_sha256(name, dir_fd) != entry["sha256"]:
             raise ArtifactError(f"{name}: sha256 mismatch (file changed after export); {fix}")
     return manifest
+
+
+def verified_copy(root: str | os.PathLike, manifest: Manifest, name: str, dest_dir: str | os.PathLike) -> Path:
+    """Copy artifact ``name`` into the private folder ``dest_dir`` while hashing the bytes copied,
+    and refuse the copy unless they hash to the manifest's sha256.
+
+    For files that are code when loaded (AOTInductor packages, engines with plugins): loading the
+    private copy means the bytes that run are the bytes that were verified, even if the artifacts
+    folder is changed between the check and the load.
+
+    Raises:
+        ArtifactError: the file is missing, not listed, or differs from the manifest.
+    """
+    _check_file_name(name)
+    entry = manifest.files.get(name)
+    if entry is None:
+        raise ArtifactError(f"{name}: not listed in the manifest; re-run `hita export --engine {manifest.engine}`")
+    dest = Path(dest_dir) / name
+    h = hashlib.sha256()
+    try:
+        src_fd = os.open(Path(root) / name, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise ArtifactError(f"{Path(root) / name}: cannot open it ({e.strerror or e}); "
+                            f"re-run `hita export --engine {manifest.engine}`") from None
+    with os.fdopen(src_fd, "rb") as src, open(dest, "xb") as out:
+        while block := src.read(1 << 20):
+            h.update(block)
+            out.write(block)
+    if h.hexdigest() != entry["sha256"]:
+        dest.unlink()
+        raise ArtifactError(f"{Path(root) / name}: changed after the manifest was checked (sha256 differs); "
+                            "refusing to load it; make sure nothing writes to the artifacts folder")
+    return dest
 
 
 def _fd_sha256(name: str, dir_fd: int) -> str:

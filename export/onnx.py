@@ -49,6 +49,7 @@ __all__ = [
     "OnnxBackend",
     "export_onnx",
     "validate_onnx",
+    "verify_inplace_kv",
     "onnx_signature",
     "ONNX_DTYPES",
     "KV_WRITES",
@@ -226,6 +227,16 @@ class OnnxBackend(Backend):
             "kv_write": self.kv_write,
             "kv_inplace_verified": bool(report.get("decode_step", {}).get("kv_inplace_verified", False)),
         }
+
+
+def verify_inplace_kv(path: str | Path, spec: ExportSpec, gpt_cfg) -> bool:
+    """Whether one buffer bound as both past and present cache gives bit-identical results for the
+    decode-step graph at ``path`` (as the exporter checks its own graphs), at the spec's check batch
+    over the steps around the position-128 rule. For graphs rewritten after export (quantized
+    ones), whose runtimes bind the cache the same way."""
+    feed = spec.example_inputs(spec.sizes("check"), seed=1, device=torch.device("cpu"))
+    nh = gpt_cfg.n_holistic
+    return _check_inplace_kv(_session(Path(path), spec), spec, feed, [nh - 1, nh, nh + 1])
 
 
 def validate_onnx(path: str | Path, graph: SpecGraph, spec: ExportSpec, gpt_cfg) -> dict[str, Any]:

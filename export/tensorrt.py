@@ -97,6 +97,9 @@ class TensorRTOptions:
             raise ValueError(f"row buckets must be positive, got {self.row_buckets}")
         if self.kv_write not in ("tensorscatter", "scatter"):
             raise ValueError(f"kv_write must be 'tensorscatter' or 'scatter', got {self.kv_write!r}")
+        cache = self.timing_cache_path()
+        if cache is not None and (cache.is_symlink() or (cache.exists() and not cache.is_file())):
+            raise ValueError(f"--timing-cache {cache}: exists and is not a regular file; give a new file's path")
 
     def timing_cache_path(self) -> Path | None:
         if self.timing_cache == "":
@@ -182,7 +185,10 @@ def build_engine(onnx_path: Path, spec: ExportSpec, options: TensorRTOptions, lo
     config.progress_monitor = _progress_monitor(log)
     cache_path = options.timing_cache_path()
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    timing_cache = config.create_timing_cache(cache_bytes)
+    if timing_cache is None or not config.set_timing_cache(timing_cache, False):
+        raise ExportError(f"--timing-cache {cache_path}: not a TensorRT timing cache (or from another TensorRT); "
+                          "give a new file's path or delete it")
     batch = spec.dims[0]
     for lo, opt, hi in batch_profiles(batch, options.row_buckets if spec.name != "decoder" else ()):
         profile = builder.create_optimization_profile()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hita.config import GPTConfig, TokenizerConfig
-from hita.util.files import atomic_write, file_sha256
+from hita.util.files import atomic_write, check_output_file, file_sha256
 
 Kind = Literal["tokenizer", "gpt"]
 KINDS: tuple[str, ...] = ("tokenizer", "gpt")
@@ -138,7 +138,34 @@ def _unreadable(path: Path, cause: str) -> CheckpointError:
     )
 
 
+def check_zip_bounds(path: Path) -> None:
+    """Refuse a torch zip file whose records could expand beyond the file itself (a zip bomb: a 30 MB
+    file that asks torch for 32 GiB). torch writes every record uncompressed, so a genuine file's
+    records add up to no more than its own size.
+
+    Raises:
+        CheckpointError: a compressed record, or records larger than the file.
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise _unreadable(path, f"bad zip: {e}") from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CheckpointError(f"{path}: record {packed[0]!r} is compressed, which torch never writes; the file "
+                              "was crafted or re-packed: get the original file")
+    if sum(i.file_size for i in infos) > path.stat().st_size:
+        raise CheckpointError(f"{path}: its records claim more bytes than the file holds; the file is damaged or "
+                              "crafted: get the original file")
+
+
 def _load_pickle(path: Path) -> Any:
+    check_zip_bounds(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -193,6 +220,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file; pass the .safetensors or .pt file "
                               "(a training checkpoint folder holds model.safetensors and ema.safetensors)")
     if not path.is_file():
+        if os.path.lexists(path):
+            raise CheckpointError(f"{path}: is not a regular file (a device, FIFO or broken link); pass the "
+                                  "checkpoint file itself")
         raise CheckpointError(f"{path}: no such checkpoint file; check the path")
     try:
         size = path.stat().st_size
@@ -391,7 +421,25 @@ def save_state_dict(sd, kind: Kind, cfg, path, extra_metadata: Mapping[str, str]
     meta = {"hita_kind": kind, "hita_config": cfg.to_json(), "hita_format": FORMAT_VERSION}
     meta.update(extra_metadata or {})
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    try:
+        return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    except OSError:
+        raise
+    except Exception as e:  # safetensors reports a full or read-only disk as its own error type
+        detail = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"{path}: cannot write it ({detail}); free space or choose a writable location") from None
+
+
+def is_hita_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file hita wrote (its header carries ``hita_kind``); reads
+    only the header, so it is safe on any file."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return "hita_kind" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, preset: str | None = None) -> tuple[Kind, Any]:
@@ -407,6 +455,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, preset: str | None =
         raise CheckpointError(f"{dst}: is a folder; give an output file such as {dst_p / 'model.safetensors'}")
     if dst_p.exists() and Path(src).exists() and os.path.samefile(src, dst_p):
         raise CheckpointError(f"{dst}: is the source checkpoint; write the converted file under another name")
+    check_output_file(dst_p, "output", owned=is_hita_safetensors)
     sd, meta = read_checkpoint(src)
     kind: Kind = meta.get("hita_kind") or guess_kind(sd)  # type: ignore[assignment]
     if kind not in KINDS:

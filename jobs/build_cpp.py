@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import hita.runtimes
 from hita.runtimes.sampling import SamplingOptions
+from hita.util.files import claim_folder
 from hita.util.log import Log, logger
 
 __all__ = [
@@ -124,6 +125,15 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
         raise CppBuildError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...\n{_tail(output)}")
     return proc
 
+def _our_cmake_build(folder: Path) -> bool:
+    """A CMake build folder of this project's host (from before run markers existed)."""
+    try:
+        cache = (folder / "CMakeCache.txt").read_text(errors="replace")
+    except OSError:
+        return False
+    return "CMAKE_PROJECT_NAME:STATIC=hita_host" in cache
+
+
 def build_host(
     out_dir: str | Path = "build/cpp",
     *,
@@ -164,8 +174,7 @@ def build_host(
         raise CppBuildError("no C++ compiler found (g++ or clang++); install one (apt-get install g++)")
     if not (SOURCE_DIR / "CMakeLists.txt").is_file():
         raise CppBuildError(f"{SOURCE_DIR}: the C++ sources are missing from this installation")
-    out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(Path(out_dir).absolute(), "build-cpp", "--out", owned=_our_cmake_build)
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
     t0 = time.perf_counter()
     standards = [cxx_standard] + ([20] if fallback_cxx20 and cxx_standard == 17 else [])

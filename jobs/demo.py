@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from hita.runtimes.parity import ParityReport
+from hita.util.files import claim_folder
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,14 @@ def _cached(artifacts: Path, gpt: Path, tok: Path) -> bool:
     except ArtifactError:
         return False
     return exported_from(m, gpt, tok)
+
+
+def _old_demo(folder: Path) -> bool:
+    """A demo folder from before run markers: only its grid and its verified ONNX export."""
+    from hita.export.manifest import is_hita_folder
+
+    names = {e.name for e in folder.iterdir()}
+    return names <= {"grid.png", "artifacts-onnx"} and is_hita_folder(folder / "artifacts-onnx")
 
 
 def run_demo(
@@ -66,7 +75,7 @@ def run_demo(
     from hita.runtimes.torch_eager import TorchExecutor
 
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = claim_folder(out_dir, "demo", "--out", owned=_old_demo)  # never write into someone else's folder
     d = default_model()
     artifacts = out_dir / "artifacts-onnx"
     exported = not _cached(artifacts, d.gpt, d.tokenizer)

@@ -22,7 +22,7 @@ import torch
 from hita.runtimes.executor import StepExecutor
 from hita.runtimes.loop import generate_images, to_uint8
 from hita.runtimes.sampling import SamplingOptions
-from hita.util.files import atomic_write
+from hita.util.files import atomic_write, check_claimable, claim_folder
 from hita.util.images import save_grid, save_pngs
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
 MAX_IMAGES = 1_000_000      # one run; FID-50k runs fit 20 times over
 MAX_RESIZE = 4096           # pixels per side
 GRID_MAX = 256              # images shown in grid.png (the PNG files hold them all)
+GRID_CELL = 256             # grid cells are at most this many pixels a side (--resize 4096 stays bounded)
 MARKER = "complete.json"
 _RANGE = re.compile(r"^(-?\d{1,18})(?:\s*-\s*(-?\d{1,18}))?$")
 
@@ -52,14 +53,32 @@ class GenerationOutput:
     seconds: float
 
 
-def check_output_dir(out_dir: str | Path, create: bool = False) -> Path:
+def _old_generate_run(folder: Path) -> bool:
+    """A folder completed by ``hita generate`` before run markers existed: its complete.json lists
+    exactly the PNG files it holds (plus grid.png)."""
+    try:
+        done = json.loads((folder / MARKER).read_text())
+        names = set(done["files"]) | {"grid.png", MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return {e.name for e in folder.iterdir()} <= names
+
+
+def check_output_dir(out_dir: str | Path, create: bool = False, kind: str | None = None) -> Path:
     """Prove ``out_dir`` can take files before any work: it is a folder (or can be made in a
     writable folder). Creates it only with ``create``, so a refused command leaves nothing behind.
 
+    With ``kind`` (``"generate"``, ``"demo"``) the folder must also be new, empty or an earlier run
+    of that job (:func:`hita.util.files.check_claimable`), and ``create`` marks it as that job's:
+    a folder of someone else's files is never written into.
+
     Raises:
-        ValueError: it is a file or device, or it (or the folder it would go in) is not writable.
+        ValueError: it is a file or device, it (or the folder it would go in) is not writable, or it
+            holds files hita did not write.
     """
     out = Path(out_dir)
+    if kind is not None:
+        check_claimable(out, kind, "--out", owned=_old_generate_run if kind == "generate" else None)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder; choose a folder path")
     base = out
@@ -69,6 +88,8 @@ def check_output_dir(out_dir: str | Path, create: bool = False) -> Path:
         raise ValueError(f"--out {out}: {base} is not a folder; choose a folder path")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {base} is not writable; choose a writable folder")
+    if create and kind is not None:
+        return claim_folder(out, kind, "--out", owned=_old_generate_run if kind == "generate" else None)
     if create:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -141,8 +162,9 @@ def generate_to_dir(
         raise ValueError(f"--resize {resize} must be in 1..{MAX_RESIZE}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    out = check_output_dir(out_dir, create=True)
-    check_batch_fits(executor, min(batch_size, len(ids)), opts.use_cfg)
+    check_output_dir(out_dir, kind="generate")
+    check_batch_fits(executor, min(batch_size, len(ids)), opts.use_cfg)  # before anything is created
+    out = check_output_dir(out_dir, create=True, kind="generate")
     (out / MARKER).unlink(missing_ok=True)  # this folder is partial until the run ends
     start = time.perf_counter()
     names = [f"{i:04d}_class{c}.png" for i, c in enumerate(ids)]
@@ -156,7 +178,9 @@ def generate_to_dir(
         u8 = to_uint8(imgs, size=resize)                                    # [b, H, W, 3]
         pngs += save_pngs(u8, out, names[a : a + len(chunk)])
         if sum(len(t) for t in shown) < GRID_MAX:
-            shown.append(u8[: GRID_MAX - sum(len(t) for t in shown)])
+            keep = GRID_MAX - sum(len(t) for t in shown)
+            thumbs = u8 if u8.shape[1] <= GRID_CELL else to_uint8(imgs[:keep], size=GRID_CELL)
+            shown.append(thumbs[:keep])
         bar.update(len(chunk))
     bar.close()
     grid_ids = ids[: sum(len(t) for t in shown)]
@@ -195,7 +219,9 @@ def parse_classes(spec: str, num_classes: int, per_class: int = 1) -> list[int]:
         if hi < lo:
             raise ValueError(f"class range {part!r} runs backwards; write it as {hi}-{lo}")
         for c in (lo, hi):
-            if not 0 <= c < num_classes:
+            if c < 0:
+                raise ValueError(f"class id {c} is negative; class ids start at 0")
+            if not c < num_classes:
                 raise ValueError(
                     f"class id {c} out of range [0, {num_classes}) for this GPT; pick ids below {num_classes}"
                 )

@@ -12,6 +12,12 @@ Three checks, each with a metric suited to its output type (style rule 9):
 3. **Decoded pixels.** Both decoders turn the *same* tokens into images; report PSNR (dB, on the
    [-1, 1] range, peak-to-peak 2) and the max abs pixel diff.
 
+For quantized graphs a max logit difference says little (every logit moves a bit), so the
+teacher-forced comparison also reports the distributions' agreement: the mean and worst per-step
+KL(fp32 || candidate) of the softmax and the top-1 agreement; and the free-running images (each
+runtime decoding its own tokens) get their own PSNR. Quantized recipes judge by those
+(:class:`ParityThresholds` ``max_mean_kl`` / ``min_top1_agreement``; ``max_logit_diff=None``).
+
 Results are a frozen dataclass that serialises to JSON, so runs can be saved and compared offline.
 """
 from __future__ import annotations
@@ -38,11 +44,17 @@ class ParityThresholds:
     softmax), which moves logits by ~1e-6 relative per op; through a few dozen layers and a 16k-way
     head that compounds to ~1e-5 absolute, so 1e-4 leaves a 10x margin while a wrong op (a swapped
     table, a missed RoPE row) shows up as >= 1e-2. bf16 engines need ~5e-2.
+
+    ``None`` turns a check off. Quantized recipes (``hita.calibration.recipes``) set
+    ``max_logit_diff=None`` and judge by ``max_mean_kl`` (mean over steps of the per-step
+    KL(fp32 || candidate), nats) and ``min_top1_agreement`` instead.
     """
 
-    max_logit_diff: float = 1e-4
+    max_logit_diff: float | None = 1e-4
     min_token_agreement: float = 1.0
     min_psnr_db: float = 60.0
+    max_mean_kl: float | None = None
+    min_top1_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,12 +70,20 @@ class ParityReport:
     psnr_db: float
     max_pixel_diff: float
     thresholds: ParityThresholds = field(default_factory=ParityThresholds)
+    mean_kl: float = 0.0
+    max_step_kl: float = 0.0
+    top1_agreement: float = 1.0
+    free_run_psnr_db: float = math.inf
 
     @property
     def failures(self) -> list[str]:
         t, out = self.thresholds, []
-        if not self.max_logit_diff <= t.max_logit_diff:
+        if t.max_logit_diff is not None and not self.max_logit_diff <= t.max_logit_diff:
             out.append(f"teacher-forced logits differ by {self.max_logit_diff:.3g} (step {self.worst_step}) > {t.max_logit_diff:g}")
+        if t.max_mean_kl is not None and not self.mean_kl <= t.max_mean_kl:
+            out.append(f"teacher-forced mean per-step KL {self.mean_kl:.3g} > {t.max_mean_kl:g}")
+        if t.min_top1_agreement is not None and not self.top1_agreement >= t.min_top1_agreement:
+            out.append(f"teacher-forced top-1 agreement {self.top1_agreement:.4f} < {t.min_top1_agreement:g}")
         if self.token_agreement < t.min_token_agreement:
             out.append(f"free-running tokens agree {self.token_agreement:.4f} < {t.min_token_agreement:g} (first mismatch at step {self.first_token_mismatch})")
         if not self.psnr_db >= t.min_psnr_db:
@@ -79,9 +99,12 @@ class ParityReport:
 
     def summary(self) -> str:
         psnr = "inf" if math.isinf(self.psnr_db) else f"{self.psnr_db:.1f}"
+        dist = ""
+        if self.thresholds.max_mean_kl is not None or self.thresholds.min_top1_agreement is not None:
+            dist = f", mean KL {self.mean_kl:.2e}, top-1 agree {100 * self.top1_agreement:.2f}%"
         return (
             f"{self.candidate} vs {self.reference}: teacher-forced max |dlogit| {self.max_logit_diff:.2e} "
-            f"over {self.steps} steps (mean {self.mean_logit_diff:.1e}); free-running tokens agree "
+            f"over {self.steps} steps (mean {self.mean_logit_diff:.1e}{dist}); free-running tokens agree "
             f"{100 * self.token_agreement:.2f}%; decoded PSNR {psnr} dB (max |dpixel| {self.max_pixel_diff:.1e}) "
             f"-> {'PASS' if self.ok else 'FAIL'}"
         )
@@ -110,6 +133,29 @@ def check_parity(
     Returns:
         A :class:`ParityReport`; call ``.failures`` / ``.ok`` or :func:`assert_parity`.
     """
+    return compare_runs(reference, candidate, class_ids, opts, thresholds, progress)[0]
+
+
+def step_kl(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
+    """Per-step KL(softmax(ref) || softmax(cand)) in nats, averaged over rows: ``[n, T, V]`` -> ``[T]``.
+
+    Computed in float64 from log-softmax, so a near-zero KL is not rounding noise.
+    """
+    ref = torch.log_softmax(ref_logits.double(), dim=-1)
+    cand = torch.log_softmax(cand_logits.double(), dim=-1)
+    return (ref.exp() * (ref - cand)).sum(-1).clamp_min(0).mean(0)       # [T]
+
+
+def compare_runs(
+    reference: StepExecutor,
+    candidate: StepExecutor,
+    class_ids: Sequence[int],
+    opts: SamplingOptions,
+    thresholds: ParityThresholds | None = None,
+    progress: bool = False,
+) -> tuple[ParityReport, torch.Tensor, torch.Tensor]:
+    """:func:`check_parity`, also returning the free-running images of both runtimes (each decoding
+    its own tokens), float32 CPU ``[n, 3, H, W]``: what a side-by-side grid shows."""
     ids = torch.as_tensor(list(class_ids), dtype=torch.long)
     ref_run = generate_tokens(reference, ids, opts, progress=progress)
     cand_run = generate_tokens(candidate, ids, opts, progress=progress)
@@ -118,13 +164,17 @@ def check_parity(
     cand_logits = teacher_forced(candidate, ids, ref_run.holistic_ids, ref_run.patch_ids).float()
     diff = (ref_logits - cand_logits).abs()                      # [n, T, V]
     per_step = diff.amax(dim=(0, 2))                             # [T]
+    kl = step_kl(ref_logits, cand_logits)                        # [T]
+    top1 = (ref_logits.argmax(-1) == cand_logits.argmax(-1)).float().mean()
     # 2. free-running agreement.
     same = ref_run.tokens == cand_run.tokens                     # [n, T]
     mism = (~same).any(dim=0).nonzero()
-    # 3. pixels from the same tokens.
+    # 3. pixels from the same tokens, and each runtime's own free-running images.
     ref_img = reference.decode_image(ref_run.holistic_ids, ref_run.patch_ids).float().cpu()
     cand_img = candidate.decode_image(ref_run.holistic_ids, ref_run.patch_ids).float().cpu()
-    return ParityReport(
+    cand_free = cand_img if bool(same.all()) else \
+        candidate.decode_image(cand_run.holistic_ids, cand_run.patch_ids).float().cpu()
+    report = ParityReport(
         reference=reference.name,
         candidate=candidate.name,
         steps=int(per_step.numel()),
@@ -136,7 +186,12 @@ def check_parity(
         psnr_db=psnr(ref_img, cand_img),
         max_pixel_diff=float((ref_img - cand_img).abs().max()),
         thresholds=thresholds or ParityThresholds(),
+        mean_kl=float(kl.mean()),
+        max_step_kl=float(kl.max()),
+        top1_agreement=float(top1),
+        free_run_psnr_db=psnr(ref_img, cand_free),
     )
+    return report, ref_img, cand_free
 
 
 def assert_parity(report: ParityReport) -> None:

@@ -55,6 +55,9 @@ def _is_int(x) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+MAX_CFG_SCALE = 1000.0  # beyond it, scale x (cond - uncond) overflows float32 for logits of ordinary size
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How the loop turns logits into tokens. Defaults are the reference evaluation driver's.
@@ -84,6 +87,9 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.cfg_scale, numbers.Real) or not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale!r}")
+        if self.cfg_scale > MAX_CFG_SCALE:
+            raise ValueError(f"cfg_scale {self.cfg_scale:g} is above {MAX_CFG_SCALE:g}: the guided logits would overflow "
+                             "to infinity; useful scales are 1 to about 10")
         if self.cfg_scale < 1.0:
             raise ValueError(
                 f"cfg_scale {self.cfg_scale} < 1 is not supported: the reference only builds the "

@@ -64,7 +64,7 @@ class ImageFolder:
         try:
             with Image.open(path) as img:
                 return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
             raise DataError(f"cannot decode image {path} ({type(e).__name__}); replace or remove the file") from None
 
     def describe(self) -> str:

@@ -55,8 +55,10 @@ def extract_codes(tokenizer: str | os.PathLike, data: str, out: str | os.PathLik
     """
     from safetensors.torch import save_file
 
-    from hita.checkpoint import load_tokenizer
-    from hita.util.files import atomic_write
+    from hita.checkpoint import is_hita_safetensors, load_tokenizer
+    from hita.util.files import atomic_write, check_output_file
+
+    check_output_file(out, "--out", owned=is_hita_safetensors)  # before any work: never replace a foreign file
 
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")

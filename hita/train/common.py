@@ -19,6 +19,7 @@ from torch import nn
 from hita.checkpoint import save_state_dict
 from hita.train.distributed import DistInfo
 from hita.train.train_state import latest_checkpoint
+from hita.util.files import check_claimable, claim_folder
 
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 RUN_CONFIG = "config.json"
@@ -40,7 +41,12 @@ def with_overrides(cls, base: Mapping[str, Any], overrides: Mapping[str, Any]):
 
 
 def check_common(cfg) -> None:
-    """Range checks on the fields every trainer config has."""
+    """Range checks on the fields every trainer config has (every float must be finite: an inf
+    learning rate trains to NaN weights without any error)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrainError(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
     for name in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
@@ -120,6 +126,10 @@ def prepare_run(cfg, kind: str, model_cfg, info: DistInfo, extra: Mapping[str, A
     run = Path(cfg.run_dir)
     if run.exists() and not run.is_dir():
         raise TrainError(f"run folder {run} is a file; pass a folder path to --run-dir")
+    try:  # never write into a folder of someone else's files
+        check_claimable(run, "train", "--run-dir", owned=lambda p: read_run_config(p) is not None)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     ckpt = latest_checkpoint(run)
     if ckpt is None and cfg.resume and info.is_main:
         print(f"--resume: no checkpoint in {run} yet; starting from step 0", file=sys.stderr, flush=True)
@@ -138,7 +148,7 @@ def prepare_run(cfg, kind: str, model_cfg, info: DistInfo, extra: Mapping[str, A
                     f"{model_cfg.name!r}; pass --preset {name} to resume it, or choose a new --run-dir"
                 )
     if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
+        claim_folder(run, "train", "--run-dir", owned=lambda p: read_run_config(p) is not None)
         body = {"kind": kind, "model": model_cfg.to_dict(), "trainer": dataclasses.asdict(cfg),
                 "world_size": info.world, **(extra or {})}
         tmp = run / f".{RUN_CONFIG}.tmp"
@@ -148,8 +158,18 @@ def prepare_run(cfg, kind: str, model_cfg, info: DistInfo, extra: Mapping[str, A
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's ``config.json``; ``None`` when absent or not one hita wrote (not a JSON object with
+    the run's ``kind``, ``model`` and ``trainer``)."""
     path = Path(run_dir) / RUN_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and data.get("kind") in ("gpt", "tokenizer") and isinstance(data.get("model"), dict) \
+        and isinstance(data.get("trainer"), dict)
+    return data if ok else None
 
 
 def save_weights(sd: Mapping[str, torch.Tensor], kind: str, model_cfg, path: Path, step: int,

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 
+from hita.checkpoint import check_zip_bounds
 from hita.util.files import fsync_tree
 
 CHECKPOINTS = "checkpoints"
@@ -104,6 +105,7 @@ def load_train_state(path: Path) -> dict[str, Any]:
             one of :data:`STATE_KEYS`.
     """
     try:
+        check_zip_bounds(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise

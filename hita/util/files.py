@@ -8,6 +8,7 @@ outputs honour the user's umask.
 """
 from __future__ import annotations
 
+import json
 import hashlib
 import os
 import tempfile
@@ -86,3 +87,74 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
             os.unlink(tmp)
         raise
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Never overwrite what hita did not write
+# ----------------------------------------------------------------------------------------------
+
+RUN_MARKER = ".hita-run"
+
+
+def folder_kind(path: str | os.PathLike) -> str | None:
+    """The job that claimed a folder (its :data:`RUN_MARKER`), ``None`` when it has no valid marker."""
+    try:
+        data = json.loads((Path(path) / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("hita") if isinstance(data, dict) and isinstance(data.get("hita"), str) else None
+
+
+def check_claimable(path: str | os.PathLike, kind: str, flag: str = "--out",
+                    owned: Callable[[Path], bool] | None = None) -> Path:
+    """Refuse, before any work, an output folder that holds files hita did not write for ``kind``.
+
+    A folder may be used when it does not exist, is empty, carries ``kind``'s marker, or ``owned``
+    says it is an earlier run of this job (folders written before the marker existed).
+
+    Raises:
+        ValueError: one line naming the flag, the folder, a foreign file and the fix.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {p}: exists and is not a folder; choose a folder path")
+    if p.is_dir():
+        entries = sorted(e.name for e in p.iterdir())
+        if entries and folder_kind(p) != kind and not (owned is not None and owned(p)):
+            raise ValueError(f"{flag} {p}: holds files hita did not write (e.g. {entries[0]!r}); "
+                             "choose a new or empty folder")
+    return p
+
+
+def claim_folder(path: str | os.PathLike, kind: str, flag: str = "--out",
+                 owned: Callable[[Path], bool] | None = None) -> Path:
+    """:func:`check_claimable`, then create the folder and mark it as ``kind``'s."""
+    p = check_claimable(path, kind, flag, owned)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {p}: cannot create it ({e.strerror or e}); choose a writable folder") from None
+    if folder_kind(p) != kind:
+        atomic_write(p / RUN_MARKER, lambda tmp: Path(tmp).write_text(json.dumps({"hita": kind}) + "\n"))
+    return p
+
+
+def check_output_file(path: str | os.PathLike, flag: str, owned: Callable[[Path], bool] | None = None) -> Path:
+    """Refuse, before any work, an output file that would replace something hita did not write:
+    a device, FIFO, folder or link, or a regular file ``owned`` does not recognise as ours; and a
+    location that cannot take a file.
+
+    Raises:
+        ValueError: one line naming the flag, the path and the fix.
+    """
+    p = Path(path)
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        raise ValueError(f"{flag} {p}: exists and is not a regular file; give the path of a new file")
+    if p.exists() and (owned is None or not owned(p)):
+        raise ValueError(f"{flag} {p}: exists and was not written by hita; choose a new name or delete it first")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {p}: folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {p}: folder {parent} is not writable; choose a writable folder")
+    return p

@@ -9,7 +9,9 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,9 +109,81 @@ def test_generate_on_a_full_disk_is_one_line(tmp_path):
         assert res.exit_code == 2, res.output
         assert "No space left on device" in _one_error_line(res)
         assert not (disk / "o" / "complete.json").exists()        # the folder says it is partial
-        assert not [p for p in (disk / "o").iterdir() if p.name.startswith(".")]  # no temp files
+        # no temp files; the run marker stays (the folder is hita's and may be reused)
+        assert [p.name for p in (disk / "o").iterdir() if p.name.startswith(".")] == [".hita-run"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("args", [["generate", "--classes", "0"], ["demo"], ["build-cpp"]])
+def test_never_writes_into_a_folder_of_foreign_files(tmp_path, args):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "grid.png").write_text("precious")
+    (out / "complete.json").write_text("{}")
+    (out / "Makefile").write_text("all:\n")
+    res = runner.invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "holds files hita did not write" in _one_error_line(res)
+    assert sorted(p.name for p in out.iterdir()) == ["Makefile", "complete.json", "grid.png"]
+    assert (out / "grid.png").read_text() == "precious"
+
+
+@pytest.mark.parametrize("target", ["file", "fifo"])
+def test_convert_never_replaces_a_foreign_file_or_device(tmp_path, target):
+    from hita.export.testing import tiny_models
+
+    src = tmp_path / "gpt.pt"
+    torch.save({"model": tiny_models(0)[0].state_dict()}, src)
+    dst = tmp_path / "dst"
+    if target == "file":
+        dst.write_text("keep")
+    else:
+        os.mkfifo(dst)
+    res = runner.invoke(app, ["convert", str(src), str(dst), "--preset", "tiny"])
+    assert res.exit_code == 2, res.output
+    assert ("was not written by hita" if target == "file" else "is not a regular file") in _one_error_line(res)
+    assert dst.read_text() == "keep" if target == "file" else dst.is_fifo()
+
+
+def test_a_crafted_zip_checkpoint_is_refused_before_it_expands(tmp_path):
+    import zipfile
+
+    good, bomb = tmp_path / "good.pt", tmp_path / "bomb.pt"
+    torch.save({"w": torch.zeros(4)}, good)
+    with zipfile.ZipFile(good) as z, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for info in z.infolist():  # one record claims 64 MiB but packs into a few KiB
+            out.writestr(info.filename, b"\0" * (64 << 20) if info.filename.endswith("data/0") else z.read(info))
+    res = runner.invoke(app, ["convert", str(bomb), str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 2
+    assert "is compressed, which torch never writes" in _one_error_line(res)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_non_finite_training_rates_and_huge_cfg_are_refused(tmp_path):
+    res = runner.invoke(app, ["train", "gpt", "--preset", "tiny", "--codes", str(tmp_path / "c.safetensors"),
+                              "--run-dir", str(tmp_path / "run"), "--lr", "inf"])
+    assert res.exit_code == 2 and "--lr must be a finite number" in _one_error_line(res)
+    assert not (tmp_path / "run").exists()
+    res = runner.invoke(app, ["generate", "--classes", "0", "--cfg-scale", "1e38", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 2 and "would overflow" in _one_error_line(res)
+    assert not (tmp_path / "g").exists()
+
+
+def test_option_parse_errors_are_one_line(tmp_path):
+    exe = Path(sys.executable).with_name("hita")
+    res = subprocess.run([str(exe), "generate", "--seed", "0x10", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: Invalid value for '--seed': Input should be a valid integer, unable to parse string as an integer; "
+        "see `hita generate --help`"]
+
+
+def test_hostile_names_are_escaped_in_messages():
+    from hita.cli.common import printable
+
+    assert printable("bad \x1b]0;pwned\x07 name\nsecond") == "bad \\x1b]0;pwned\\x07 name\\nsecond"
 
 
 def test_generate_writes_a_completion_marker_last(tmp_path):

@@ -8,10 +8,16 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/headeronly/version.h>
 
+#include <stdlib.h>
+
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <optional>
 #include <stdexcept>
 
 #include "executor.h"
+#include "folder.h"
 
 namespace hita::detail {
 namespace {
@@ -98,10 +104,33 @@ class AotiExecutor : public StepExecutor {
   }
 
  private:
+  // A package is code: load a private copy made from bytes whose sha256 was just checked, so a file
+  // swapped in the artifacts folder after open_artifacts cannot run (Python: verified_copy).
+  static std::string private_copy(const Manifest& m, const std::string& file, const std::string& dir) {
+    const std::optional<std::string> bytes = Folder(m.root).read(file);
+    const auto entry = m.files.find(file);
+    if (!bytes || entry == m.files.end() || sha256_hex(*bytes) != entry->second.sha256)
+      throw HostError(m.path(file) + ": changed after the manifest was checked (sha256 differs); refusing to load "
+                      "it; make sure nothing writes to the artifacts folder");
+    const std::string path = dir + "/" + file;
+    std::ofstream out(path, std::ios::binary);
+    out.write(bytes->data(), static_cast<std::streamsize>(bytes->size()));
+    if (!out.flush()) throw HostError(path + ": cannot write a private copy of the package (disk full?)");
+    return path;
+  }
+
   static std::unique_ptr<Loader> load(const Manifest& m, const std::string& graph, c10::DeviceIndex index) {
     const std::string& file = m.graph(graph).file;
+    char tmpl[] = "/tmp/hita-aoti-XXXXXX";
+    if (mkdtemp(tmpl) == nullptr) throw HostError("cannot create a private folder in /tmp for the packages");
+    const std::string dir = tmpl;
+    struct Cleanup {
+      std::string dir;
+      ~Cleanup() { std::filesystem::remove_all(dir); }
+    } cleanup{dir};
+    const std::string copy = private_copy(m, file, dir);
     try {
-      return std::make_unique<Loader>(m.path(file), "model", false, 1, index);
+      return std::make_unique<Loader>(copy, "model", false, 1, index);
     } catch (const std::exception& e) {
       const std::string what = e.what();
       throw HostError(file + ": AOTInductor could not load the package (" + what.substr(0, what.find('\n')) + "); " +
