@@ -92,6 +92,8 @@ def export(
         "--version-compatible", help="tensorrt: engines later TensorRT versions can run.")] = False,
     max_batch: Annotated[int, typer.Option(min=1, max=4096,
                                            help="Largest rows per call in the graphs' profiles (CFG rows count).")] = 16,
+    expect_manifest_sha256: Annotated[Optional[str], typer.Option(
+        help="--from-onnx: pin the ONNX folder's manifest (sha256 of its manifest.json).")] = None,
 ) -> None:
     """Export the tokenizer decoder, GPT prefill and GPT decode step, with a manifest."""
     from hita.checkpoint import load_gpt, load_tokenizer
@@ -109,7 +111,8 @@ def export(
         _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_preset, precision, pos128,
                          skip_validation, max_batch, kv_write,
                          dict(workspace_mib=workspace_mib, optimization_level=opt_level, timing_cache=timing_cache,
-                              hardware_compat=hardware_compat.value, version_compatible=version_compatible))
+                              hardware_compat=hardware_compat.value, version_compatible=version_compatible),
+                         expect_manifest_sha256)
         return
     if from_onnx is not None:
         raise ValueError("--from-onnx builds TensorRT engines; use it with --engine tensorrt")
@@ -187,7 +190,7 @@ def _export_quantized(out, engine, precision, calibration, calibrator, from_onnx
 
 
 def _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_preset, precision, pos128,
-                     skip_validation, max_batch, kv_write, builder) -> None:
+                     skip_validation, max_batch, kv_write, builder, expect_manifest_sha256=None) -> None:
     """``--engine tensorrt``: everything checked (options, output folder, GPU, TensorRT) before any work."""
     from hita.export.manifest import check_output_folder, manifest_sha256
     from hita.export.tensorrt import TensorRTOptions, build_from_onnx, export_tensorrt
@@ -200,7 +203,7 @@ def _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_prese
     if from_onnx is not None:
         if gpt is not None or tokenizer is not None:
             raise ValueError("--from-onnx builds from the ONNX folder; drop --gpt/--tokenizer")
-        build_from_onnx(from_onnx, out, options=options)
+        build_from_onnx(from_onnx, out, options=options, expect_manifest_sha256=expect_manifest_sha256)
     else:
         from hita.checkpoint import load_gpt, load_tokenizer
         from hita.config import check_pair

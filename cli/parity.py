@@ -39,15 +39,21 @@ def parity(
     from hita.runtimes.parity import assert_parity, check_parity
     from hita.runtimes.sampling import SamplingOptions
 
+    from hita.runtimes.parity import ParityThresholds
+    from hita.util.files import check_output_file
+
     if json_out is not None and json_out.is_dir():
         raise ValueError(f"--json {json_out}: is a folder; give a file path such as {json_out / 'parity.json'}")
     if json_out is not None:
         check_output_dir(json_out.parent)
+        check_output_file(json_out, "--json", owned=_our_report)
+    given = dict(max_logit_diff=max_logit_diff, min_token_agreement=min_token_agreement, min_psnr_db=min_psnr,
+                 max_mean_kl=max_mean_kl, min_top1_agreement=min_top1)
+    ParityThresholds(**{k: v for k, v in given.items() if v is not None})  # bad limits refused before any work
     cand = executor_for_artifacts(artifacts, device=device, expect_manifest_sha256=expect_manifest_sha256)
     ref = eager_reference(artifacts, gpt, tokenizer, device=device)
     ids = parse_classes(classes, cand.gpt_config.num_classes)
-    th = _thresholds(artifacts, dict(max_logit_diff=max_logit_diff, min_token_agreement=min_token_agreement,
-                                     min_psnr_db=min_psnr, max_mean_kl=max_mean_kl, min_top1_agreement=min_top1))
+    th = _thresholds(artifacts, given)
     report = check_parity(ref, cand, ids, SamplingOptions(cfg_scale=cfg_scale, seed=seed), th)
     recipe = _recipe_name(artifacts)
     if recipe is not None:
@@ -58,6 +64,17 @@ def parity(
 
         atomic_write(json_out, lambda tmp: Path(tmp).write_text(report.to_json()))
     assert_parity(report)
+
+
+def _our_report(path: Path) -> bool:
+    """An earlier ``hita parity --json`` report (so re-running may replace it)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"reference", "candidate", "token_agreement"} <= set(data)
 
 
 def _recipe_name(artifacts: Path) -> str | None:

@@ -4,7 +4,9 @@ Engine-neutral: every exporter writes through :func:`write_artifacts` and every 
 folder with :func:`load_manifest` first. The manifest records what produced the files (presets and
 full configs, the pos128 rule, dtype, device, tool versions, source checkpoint hashes), the I/O
 signature of every graph and the sha256 and size of every file. A runtime reads only the manifest,
-never the training code, and refuses a folder whose files are not exactly the ones exported.
+never the training code, and refuses a folder whose listed files are missing, changed or not plain
+files. Unlisted extra files are ignored by runtimes (nothing loads them) but make the folder one
+:func:`write_artifacts` will not replace.
 
 Integrity: ``manifest.sha256`` holds the sha256 of ``manifest.json``'s bytes in ``sha256sum`` form
 (``sha256sum -c manifest.sha256`` works in the folder). Readers hash the bytes they parse (one read),

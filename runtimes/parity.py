@@ -56,6 +56,22 @@ class ParityThresholds:
     max_mean_kl: float | None = None
     min_top1_agreement: float | None = None
 
+    def __post_init__(self) -> None:
+        # Checked up front: a NaN limit would run the whole comparison and then fail every check.
+        import math
+
+        for name, lo, hi in (("max_logit_diff", 0.0, math.inf), ("min_token_agreement", 0.0, 1.0),
+                             ("min_psnr_db", 0.0, 1000.0), ("max_mean_kl", 0.0, math.inf),
+                             ("min_top1_agreement", 0.0, 1.0)):
+            value = getattr(self, name)
+            if value is None and name in ("max_logit_diff", "max_mean_kl", "min_top1_agreement"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not lo <= value <= hi:
+                flag = {"min_psnr_db": "--min-psnr", "min_top1_agreement": "--min-top1"}.get(
+                    name, "--" + name.replace("_", "-"))
+                raise ValueError(f"{flag} must be a finite number in [{lo:g}, {hi:g}], got {value!r}")
+
 
 @dataclass(frozen=True)
 class ParityReport:
