@@ -1,0 +1,132 @@
+"""Executors for the benchmark, built only the way users build them: ``hita.runtimes.factory`` over
+the checkpoints (eager) or over artifacts written by the export driver (``export_onnx`` /
+``export_aoti``), and the C++ host through ``hita.jobs.build_cpp`` (:mod:`.host`).
+
+A runtime that cannot run here (missing package, failed import, export, build or load) becomes
+:class:`Unavailable` with a one-line reason; the benchmark shows that as a table row and carries on.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hita.util.log import Log, first_line
+
+from .models import Checkpoints
+
+RUNTIMES = ("torch", "onnxruntime", "aoti", "cpp")
+EAGER = "torch"  # the reference every ratio is taken against
+ENGINE = {"onnxruntime": "onnx", "aoti": "aoti"}  # runtime -> the export engine it runs
+
+
+class Unavailable(Exception):
+    """A runtime cannot be benchmarked here; the message (one line, for the table) says why, and
+    ``detail`` keeps the whole original message (a compiler's output, say) for the progress log."""
+
+    def __init__(self, line: str, detail: str = "") -> None:
+        super().__init__(line)
+        self.detail = detail
+
+
+def reason(e: BaseException) -> str:
+    """``Type: first line`` of an exception, short enough for a table cell."""
+    line = first_line(e)
+    return f"{type(e).__name__}: {line[:240]}" if line else type(e).__name__
+
+
+def attempt(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, or :class:`Unavailable` ``"<what>: <reason>"`` when it raises anything."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - any failure makes the runtime a row, not a crash
+        raise Unavailable(f"{what}: {reason(e)}", detail=str(e)) from None
+
+
+@dataclass
+class Context:
+    """What a runtime builder gets: the checkpoints, where exports go, the largest batch (rows)."""
+
+    checkpoints: Checkpoints
+    seed: int
+    threads: int
+    workdir: Path
+    max_rows: int
+    log: Log
+
+
+def reusable(folder: Path, engine: str, ctx: Context) -> bool:
+    """Whether ``folder`` holds a verified ``engine`` export (``load_manifest``) of exactly these
+    checkpoints (the sha256 the manifest records), made by this torch, fp32 on the CPU with the
+    default position rule, for at least ``max_rows`` rows."""
+    import torch
+
+    from hita.export.errors import ArtifactError
+    from hita.export.manifest import load_manifest
+
+    try:
+        m = load_manifest(folder, expect_engine=engine)
+    except ArtifactError:
+        return False
+    made = (m.checkpoints, m.versions.get("torch"), m.precision, m.device, m.pos128)
+    return (made == (ctx.checkpoints.sha256, torch.__version__, "float32", "cpu", "reference")
+            and m.options.get("max_batch", 0) >= ctx.max_rows)
+
+
+def exported(ctx: Context, engine: str) -> Path:
+    """``workdir/<engine>-<preset>-seed<seed>``: reused while :func:`reusable`, else written there by
+    the export driver from the checkpoints, as ``hita export`` does."""
+    from hita.checkpoint import load_gpt, load_tokenizer
+
+    out = ctx.workdir / f"{engine}-{ctx.checkpoints.gpt_cfg.name}-seed{ctx.seed}"
+    if reusable(out, engine, ctx):
+        ctx.log(f"{engine}: reusing the export in {out}")
+        return out
+    if engine == "onnx":
+        from hita.export.onnx import export_onnx as export
+    else:
+        from hita.export.aoti import export_aoti as export
+    t0 = time.perf_counter()
+    ck = ctx.checkpoints
+    attempt(f"{engine} export failed", lambda: export(
+        load_gpt(ck.gpt), load_tokenizer(ck.tokenizer), out, checkpoints=ck.sources,
+        max_batch=max(16, ctx.max_rows), progress=lambda s: ctx.log(f"{engine}: {s}")))
+    ctx.log(f"{engine}: exported in {time.perf_counter() - t0:.0f} s to {out}")
+    return out
+
+
+def build(name: str, ctx: Context) -> Any:
+    """The executor (or, for ``cpp``, the :class:`~.host.HostProcess`) of runtime ``name``.
+
+    Raises:
+        Unavailable: why it cannot run here.
+    """
+    if name == "cpp":
+        from .host import build_host_process
+
+        return build_host_process(ctx)
+    from hita.runtimes.factory import make_executor
+
+    if name == EAGER:
+        ck = ctx.checkpoints
+        return attempt("load failed", lambda: make_executor(name, gpt=ck.gpt, tokenizer=ck.tokenizer))
+    folder = exported(ctx, ENGINE[name])
+    return attempt("load failed", lambda: make_executor(name, artifacts=folder))
+
+
+def build_all(names: list[str], ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
+    """Build every runtime in ``names``: ``(name -> executor or host, name -> why it is unavailable)``."""
+    built: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        ctx.log(f"{name}: building ...")
+        try:
+            built[name] = build(name, ctx)
+        except Exception as e:  # noqa: BLE001 - a broken runtime is a row, not a crash
+            errors[name] = str(e) if isinstance(e, Unavailable) else f"build failed: {reason(e)}"
+            ctx.log(f"{name}: unavailable: {errors[name]}")
+            if "\n" in getattr(e, "detail", ""):
+                ctx.log(e.detail)
+    return built, errors
