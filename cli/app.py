@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo", "generate", "export", "parity", "calibrate",
     "train", "codes",
     "convert", "build_cpp", "doctor",
+    "evaluate", "edit",
 )
 
 for _name in COMMAND_MODULES:
