@@ -60,12 +60,27 @@ def user_errors(fn: F) -> F:
         except Exception as e:  # noqa: BLE001 - classified below
             if _is_user_error(e):
                 fail(str(e), getattr(e, "exit_code", EXIT_BAD_INPUT))
+            if _from_onnxruntime(e):  # a graph that disagrees with its manifest
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                fail(f"ONNX Runtime failed running the artifacts ({first}); the graphs and their manifest "
+                     "disagree: re-export the folder (and pin reviewed exports with --expect-manifest-sha256)",
+                     EXIT_BAD_INPUT)
             if isinstance(e, OSError) and e.strerror:  # full disk, read-only filesystem, ...
                 where = f"{e.filename}: " if e.filename else ""
                 fail(f"{where}{e.strerror}; free space or choose a writable location", EXIT_BAD_INPUT)
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _from_onnxruntime(e: Exception) -> bool:
+    """Raised by ONNX Runtime itself (its own exception types, or a RuntimeError from its Python layer)."""
+    import traceback
+
+    if type(e).__module__.startswith("onnxruntime"):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and "onnxruntime" in frames[-1].filename.replace("\\", "/").split("/")
 
 
 def _is_user_error(e: Exception) -> bool:

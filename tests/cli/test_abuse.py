@@ -243,3 +243,20 @@ def test_convert_refuses_to_overwrite_its_source(tmp_path):
 def test_parity_json_to_a_folder_is_refused(tmp_path):
     res = runner.invoke(app, ["parity", "--artifacts", str(tmp_path), "--json", str(tmp_path)])
     assert res.exit_code == 2 and "is a folder" in _one_error_line(res)
+
+
+def test_a_self_consistent_forged_manifest_fails_in_one_line(onnx_dir, tmp_path):
+    """A manifest rewritten with its checksum (anyone with write access can) that claims more
+    classes than the graph holds: ONNX Runtime's failure becomes one line pointing at re-export/pins."""
+    import json
+
+    from hita.export.testing import reissue_manifest
+
+    forged = tmp_path / "forged"
+    shutil.copytree(onnx_dir, forged)
+    gpt_config = json.loads((forged / "manifest.json").read_text())["gpt_config"]
+    reissue_manifest(forged, gpt_config={**gpt_config, "num_classes": gpt_config["num_classes"] + 1000})
+    res = runner.invoke(app, ["generate", "--runtime", "onnxruntime", "--artifacts", str(forged),
+                              "--classes", str(gpt_config["num_classes"] + 5), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    assert "ONNX Runtime failed running the artifacts" in _one_error_line(res)
