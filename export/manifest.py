@@ -282,18 +282,29 @@ def is_hita_folder(path: str | os.PathLike) -> bool:
     if not path.is_dir() or path.is_symlink():
         return False
     # One directory handle for the listing and the manifest: a concurrent export may swap the
-    # folder at ``path`` meanwhile, and both reads must describe the same folder.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        present = set(os.listdir(fd))
-        if not present:
-            return True
+    # folder at ``path`` meanwhile, and both reads must describe the same folder. If the folder read
+    # was swapped out (and is being deleted, so it looks partial), read the one now at ``path``.
+    for _ in range(3):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            m = _read_manifest(path, None, "re-run `hita export`", dir_fd=fd)
-        except ArtifactError:
-            return False
-    finally:
-        os.close(fd)
+            ours = _is_hita_folder_fd(path, fd)
+            if ours or os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return ours
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+    return False
+
+
+def _is_hita_folder_fd(path: Path, fd: int) -> bool:
+    present = set(os.listdir(fd))
+    if not present:
+        return True
+    try:
+        m = _read_manifest(path, None, "re-run `hita export`", dir_fd=fd)
+    except ArtifactError:
+        return False
     return present == set(m.files) | set(_RESERVED)
 
 
