@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train", "codes",
     "convert", "build_cpp", "doctor",
     "evaluate", "edit",
+    "serve", "client",
 )
 
 for _name in COMMAND_MODULES:

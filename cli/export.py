@@ -22,6 +22,7 @@ class Engine(str, Enum):
     aoti = "aoti"
     tensorrt = "tensorrt"
     trt = "trt"  # alias of tensorrt
+    triton = "triton"  # a Triton model repository (hita.serving) around an ONNX export or --from-artifacts
 
 
 class HardwareCompat(str, Enum):
@@ -94,6 +95,11 @@ def export(
                                            help="Largest rows per call in the graphs' profiles (CFG rows count).")] = 16,
     expect_manifest_sha256: Annotated[Optional[str], typer.Option(
         help="--from-onnx: pin the ONNX folder's manifest (sha256 of its manifest.json).")] = None,
+    row_positions: Annotated[bool, typer.Option(
+        "--row-positions", help="Decode step takes one position per row (position [batch]): what `hita serve` "
+                                "needs to batch requests in flight. The C++ host feeds one position.")] = False,
+    from_artifacts: Annotated[Optional[Path], typer.Option(
+        help="triton: serve this exported folder (onnx, aoti or tensorrt) instead of exporting ONNX now.")] = None,
 ) -> None:
     """Export the tokenizer decoder, GPT prefill and GPT decode step, with a manifest."""
     from hita.checkpoint import load_gpt, load_tokenizer
@@ -103,13 +109,20 @@ def export(
 
     if engine is Engine.trt:
         engine = Engine.tensorrt
+    if from_artifacts is not None and engine is not Engine.triton:
+        raise ValueError("--from-artifacts puts an exported folder into a Triton repository; use it with --engine triton")
+    if engine is Engine.triton:
+        _export_triton(out, from_artifacts, gpt, tokenizer, device, max_batch,
+                       dict(precision=precision is not ExportPrecision.fp32, calibration=calibration is not None,
+                            from_onnx=from_onnx is not None, kv_write=kv_write is not None))
+        return
     if precision.quantized or calibration is not None or calibrator is not None:
         _export_quantized(out, engine, precision, calibration, calibrator, from_onnx, gpt, tokenizer, gpt_preset,
                           tokenizer_preset, pos128, opset, kv_write, skip_validation, max_batch, device)
         return
     if engine is Engine.tensorrt:
         _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_preset, precision, pos128,
-                         skip_validation, max_batch, kv_write,
+                         skip_validation, max_batch, kv_write, row_positions,
                          dict(workspace_mib=workspace_mib, optimization_level=opt_level, timing_cache=timing_cache,
                               hardware_compat=hardware_compat.value, version_compatible=version_compatible),
                          expect_manifest_sha256)
@@ -133,12 +146,12 @@ def export(
 
         export_onnx(g, tok, out, opset=opset, pos128=pos128.value, dtype=precision.dtype,
                     validate=not skip_validation, checkpoints=sources, kv_write=(kv_write or KvWrite.scatter).value,
-                    max_batch=max_batch)
+                    max_batch=max_batch, row_positions=row_positions)
     else:
         from hita.export.aoti import export_aoti
 
         export_aoti(g, tok, out, device=device, pos128=pos128.value, dtype=precision.dtype,
-                    validate=not skip_validation, checkpoints=sources, max_batch=max_batch)
+                    validate=not skip_validation, checkpoints=sources, max_batch=max_batch, row_positions=row_positions)
     typer.echo(f"wrote {out} ({engine.value}; {g.cfg.name} + {tok.cfg.name}, {precision.value}, pos128={pos128.value})")
     typer.echo(f"manifest sha256 {manifest_sha256(out)} (pin it: --expect-manifest-sha256)")
 
@@ -190,7 +203,7 @@ def _export_quantized(out, engine, precision, calibration, calibrator, from_onnx
 
 
 def _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_preset, precision, pos128,
-                     skip_validation, max_batch, kv_write, builder, expect_manifest_sha256=None) -> None:
+                     skip_validation, max_batch, kv_write, row_positions, builder, expect_manifest_sha256=None) -> None:
     """``--engine tensorrt``: everything checked (options, output folder, GPU, TensorRT) before any work."""
     from hita.export.manifest import check_output_folder, manifest_sha256
     from hita.export.tensorrt import TensorRTOptions, build_from_onnx, export_tensorrt
@@ -203,6 +216,8 @@ def _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_prese
     if from_onnx is not None:
         if gpt is not None or tokenizer is not None:
             raise ValueError("--from-onnx builds from the ONNX folder; drop --gpt/--tokenizer")
+        if row_positions:
+            raise ValueError("--from-onnx keeps the ONNX folder's decode step; export that folder with --row-positions")
         build_from_onnx(from_onnx, out, options=options, expect_manifest_sha256=expect_manifest_sha256)
     else:
         from hita.checkpoint import load_gpt, load_tokenizer
@@ -214,9 +229,30 @@ def _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_prese
         check_pair(tok.cfg, g.cfg)
         export_tensorrt(g, tok, out, options=options, pos128=pos128.value, dtype=precision.dtype,
                         validate=not skip_validation, max_batch=max_batch,
-                        checkpoints={"gpt": gpt_path, "tokenizer": tok_path})
+                        checkpoints={"gpt": gpt_path, "tokenizer": tok_path},
+                        spec_options={"row_positions": row_positions})
     typer.echo(f"wrote {out} (tensorrt)")
     typer.echo(f"manifest sha256 {manifest_sha256(out)} (pin it: --expect-manifest-sha256; engines are code)")
+
+
+def _export_triton(out, from_artifacts, gpt, tokenizer, device, max_batch, other_options) -> None:
+    """``--engine triton``: a standalone Triton model repository (``hita.serving.repository``)."""
+    from hita.serving.repository import export_repository
+
+    used = [name for name, given in other_options.items() if given]
+    if used:
+        flag = "--" + used[0].replace("_", "-")
+        raise ValueError(f"{flag} does not apply to --engine triton: export the folder you want served first "
+                         "(any engine, precision or recipe), then pass it as --from-artifacts DIR")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device for --engine triton is where the server runs the model: cpu or cuda, got {device!r}")
+    log = lambda line: typer.echo(line, err=True)  # noqa: E731
+    settings = export_repository(out, artifacts=from_artifacts, gpt=gpt, tokenizer=tokenizer, device=device,
+                                 max_rows=max_batch, log=log)
+    typer.echo(f"wrote Triton model repository {out} (model 'hita', {settings.runtime} on {device}, up to "
+               f"{settings.max_rows} rows per step)")
+    typer.echo(f"serve it with: tritonserver --model-repository {out}  (the Python that runs Triton's Python "
+               "backend needs hita installed)")
 
 
 def register(app: typer.Typer) -> None:

@@ -119,8 +119,18 @@ def tokenizer(
     ckpt_every: CkptEvery = None,
     keep_last: KeepLast = None,
     resume: Resume = False,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Start from this tokenizer's weights (fine-tune; same preset). Ignored when --resume finds "
+        "a checkpoint.")] = None,
+    restart_dead_codes: Annotated[int, typer.Option(
+        "--restart-dead-codes", help="Every N steps, move holistic codes unused in those N steps onto holistic "
+        "vectors of the current batch (0 = off, the reference).")] = 0,
+    patch_dropout: Annotated[float, typer.Option(
+        "--patch-dropout", help="Per image, zero a random share in [0, P] of the patch features before the "
+        "fusion decoder, so the holistic tokens must carry global appearance (0 = off, the reference).")] = 0.0,
 ) -> None:
-    """Train a tokenizer: reconstruction + LPIPS + GAN + VQ (+ VFM for hita-u)."""
+    """Train a tokenizer: reconstruction + LPIPS + GAN + VQ (+ VFM for hita-u); optionally fine-tune one
+    (--init) with holistic dead-code restarts and patch dropout."""
     from hita.train.tokenizer_trainer import tokenizer_train_config, train_tokenizer
 
     cfg = tokenizer_train_config(
@@ -130,7 +140,8 @@ def tokenizer(
         dino=_str(dino), vfm_weight=vfm_weight, backbone=_str(backbone), augment=_str(augment), limit=limit,
         precision=precision.value, device=_device(device), seed=seed, workers=workers, threads=threads,
         log_every=log_every, ckpt_every=ckpt_every, keep_last=keep_last, resume=resume,
-        progress=progress_enabled(),
+        progress=progress_enabled(), init=_str(init), restart_dead_codes=restart_dead_codes,
+        patch_dropout=patch_dropout,
     )
     path = train_tokenizer(cfg)
     _report(path)

@@ -239,12 +239,14 @@ def export_aoti(
     max_batch: int = 16,
     checkpoints: Mapping[str, str | Path | None] | None = None,
     inductor_configs: Mapping[str, Any] | None = None,
+    row_positions: bool = False,
 ) -> Path:
     """Compile decoder, prefill and decode-step packages plus a manifest into ``out_dir``.
 
     ``device`` is ``"cpu"`` or ``"cuda[:i]"``: the packages run only on that device kind. See
     :func:`~hita.export.driver.export_artifacts` for the arguments shared by every engine and
-    :class:`AotiBackend` for ``inductor_configs``.
+    :class:`AotiBackend` for ``inductor_configs``; ``row_positions`` gives the decode step one position
+    per row (see :func:`~hita.export.spec.decode_spec`).
 
     Raises:
         SignatureError, ParityError, ExportError, ArtifactError, ValueError: as the driver.
@@ -252,4 +254,5 @@ def export_aoti(
     return export_artifacts(
         AotiBackend(inductor_configs), gpt, tokenizer, out_dir, device=device, pos128=pos128, dtype=dtype,
         validate=validate, progress=progress, max_batch=max_batch, checkpoints=checkpoints,
+        spec_options={"row_positions": row_positions},
     )

@@ -36,7 +36,7 @@ from hita.util.metrics import psnr
 from .errors import ParityError
 from .graphs import SpecGraph, build_graph
 from .manifest import Manifest, check_output_folder, staging_dir, write_artifacts
-from .spec import DECODE_STEP, DECODER, DTYPES, GRAPH_NAMES, PREFILL, ExportSpec, dtype_name, graph_specs
+from .spec import DECODE_STEP, DECODER, DTYPES, GRAPH_NAMES, PREFILL, ExportSpec, dtype_name, graph_specs, has_row_positions
 
 if TYPE_CHECKING:
     from hita.models.gpt import HitaGPT
@@ -171,17 +171,33 @@ def validate_graph(
             return report, feed
         worst = 0.0
         positions = decode_positions(gpt_cfg)
+        per_row = has_row_positions(spec.signature)
+
+        def at(rows: Sequence[int]) -> Tensor:  # [1] (one position for all rows) or [B] (one per row)
+            return torch.tensor(rows if per_row else rows[:1], dtype=torch.int64, device=device)
+
         for p in positions:
-            feed["position"] = torch.tensor([p], dtype=torch.int64, device=device)
+            feed["position"] = at([p] * b)
             ref = eager(*eager.args(feed, spec))
             worst = max(worst, compare(runner(_clone(feed)), ref, f" at batch {b}, position {p}"))
-        # Consecutive steps, each fed the caches the previous one returned, as a runtime drives it.
-        nh = gpt_cfg.n_holistic
+        if per_row:
+            # In-flight batching: rows at different positions in one call, every position in every
+            # row once over the rotations, so each row's branch (slot / Nh quirk / RoPE, holistic or
+            # patch head) is taken independently of its neighbours'.
+            n = len(positions)
+            for shift in range(n):
+                rows = [positions[(r + shift) % n] for r in range(b)]
+                feed["position"] = at(rows)
+                ref = eager(*eager.args(feed, spec))
+                worst = max(worst, compare(runner(_clone(feed)), ref, f" at batch {b}, row positions {rows}"))
+        # Consecutive steps, each fed the caches the previous one returned, as a runtime drives it
+        # (per-row graphs: the rows a step apart, so they cross the position-128 rule at different steps).
+        nh, last = gpt_cfg.n_holistic, gpt_cfg.seq_len - 1
         chain, ref_chain = _clone(feed), _clone(feed)
         past = spec.input_names[2:]
         for p in (nh - 1, nh, nh + 1):
-            pos = torch.tensor([p], dtype=torch.int64, device=device)
-            chain["position"] = ref_chain["position"] = pos
+            rows = [min(p + (r % 3 if per_row else 0), last) for r in range(b)]
+            chain["position"] = ref_chain["position"] = at(rows)
             ref = eager(*eager.args(ref_chain, spec))
             got = runner(chain)
             worst = max(worst, compare(got, ref, f" at batch {b}, step {p} of a chain"))

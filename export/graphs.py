@@ -4,7 +4,8 @@ Each wrapper calls the model's pure inference functions (``HitaGPT.prefill`` / `
 ``inplace=False``, ``HitaTokenizer.decode``) and nothing else: no math lives here, so an exported
 graph computes exactly what eager PyTorch computes. What the wrappers add is the calling convention
 of the :mod:`~hita.export.spec` specs: caches flattened to ``k0, v0, k1, v1, ...`` in spec order, the
-position as an int64 ``[1]`` tensor, the pos128 rule fixed at construction, and (for prefill) the
+position as an int64 ``[1]`` tensor (or ``[B]``, one per row, for in-flight batching: the same
+wrapper, traced with the spec's position shape), the pos128 rule fixed at construction, and (for prefill) the
 zero cache allocated inside the graph so a runtime feeds only class ids.
 
 :meth:`SpecGraph.args` turns a ``{name: tensor}`` feed into the positional arguments of
@@ -85,7 +86,7 @@ class PrefillGraph(SpecGraph):
 
 
 class DecodeStepGraph(SpecGraph):
-    """``token [B], position [1], past_key_values.* -> logits [B, V], present.*``.
+    """``token [B], position [1] or [B], past_key_values.* -> logits [B, V], present.*``.
 
     Caches arrive as one tuple ``(k0, v0, k1, v1, ...)`` because ``n_layer`` varies by preset and
     ``forward`` cannot have a named argument per cache; the exporter names them from the spec.

@@ -598,7 +598,11 @@ def _load(root: Path, dir_fd: int, expect_engine: str | None, verify_files: bool
             raise ArtifactError(
                 f"{name}: {st.st_size} bytes, manifest says {entry['size']} (truncated or replaced after export); {fix}"
             )
-        if verify_files and _fd_sha256(name, dir_fd) != entry["sha256"]:
+        try:
+            changed = verify_files and _fd_sha256(name, dir_fd) != entry["sha256"]
+        except FileNotFoundError:  # deleted since the stat (a concurrent export swapped the folder)
+            raise ArtifactError(f"{name}: missing from {root} (deleted while it was checked); {fix}") from None
+        if changed:
             raise ArtifactError(f"{name}: sha256 mismatch (file changed after export); {fix}")
     return manifest
 

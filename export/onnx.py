@@ -264,6 +264,7 @@ def export_onnx(
     verbose: bool = False,
     checkpoints: Mapping[str, str | Path | None] | None = None,
     kv_write: str = "scatter",
+    row_positions: bool = False,
 ) -> Path:
     """Export decoder, prefill and decode-step ONNX graphs plus a manifest into ``out_dir``.
 
@@ -271,7 +272,8 @@ def export_onnx(
     stays float32. ONNX Runtime's CPU provider lacks half-precision kernels for parts of the graph,
     so validate half-precision exports on a GPU provider or pass ``validate=False``. See
     :func:`~hita.export.driver.export_artifacts` for the arguments shared by every engine;
-    ``opset``, ``external_data``, ``verbose`` and ``kv_write`` are :class:`OnnxBackend`'s.
+    ``opset``, ``external_data``, ``verbose`` and ``kv_write`` are :class:`OnnxBackend`'s;
+    ``row_positions`` gives the decode step one position per row (see :func:`~hita.export.spec.decode_spec`).
 
     Raises:
         SignatureError, ParityError, ExportError, ArtifactError, ValueError: as the driver.
@@ -279,5 +281,6 @@ def export_onnx(
     backend = OnnxBackend(opset=opset, external_data=external_data, verbose=verbose, kv_write=kv_write)
     return export_artifacts(
         backend, gpt, tokenizer, out_dir, device="cpu", pos128=pos128, dtype=dtype, validate=validate,
-        progress=progress, max_batch=max_batch, checkpoints=checkpoints, spec_options={"opset": opset},
+        progress=progress, max_batch=max_batch, checkpoints=checkpoints,
+        spec_options={"opset": opset, "row_positions": row_positions},
     )

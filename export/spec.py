@@ -9,8 +9,9 @@ The three graphs (spec sections 1.5, 4.7):
 
 - ``decoder``: ``holistic_ids [B, Nh]``, ``patch_ids [B, Np]`` int64 -> ``image [B, 3, H, W]`` float32.
 - ``prefill``: ``class_ids [B]`` int64 -> ``logits [B, V]`` + ``present.{i}.key/value [B, H, S, hd]``.
-- ``decode_step``: ``token [B]``, ``position [1]`` int64, ``past_key_values.{i}.key/value`` ->
-  ``logits [B, V]`` + ``present.{i}.key/value``.
+- ``decode_step``: ``token [B]``, ``position [1]`` int64 (or ``[B]``, one per row, with
+  ``row_positions``: in-flight batching), ``past_key_values.{i}.key/value`` -> ``logits [B, V]`` +
+  ``present.{i}.key/value``.
 
 The KV cache is static (``S = cfg.cache_len``): a step writes one slot and the cache never grows, so
 past and present have the same shape and a runtime can bind one buffer as both. Only the batch axis
@@ -45,6 +46,7 @@ __all__ = [
     "prefill_spec",
     "decode_spec",
     "graph_specs",
+    "has_row_positions",
     "dtype_name",
 ]
 
@@ -477,6 +479,7 @@ def decode_spec(
     opset: int = 18,
     max_batch: int = 16,
     opt_batch: int | None = None,
+    row_positions: bool = False,
 ) -> ExportSpec:
     """GPT decode step: one token per row at a tensor position -> logits and the updated cache.
 
@@ -484,13 +487,17 @@ def decode_spec(
     int64, a graph input so one graph serves every position. ``present.{i}`` has the same static
     shape as ``past_key_values.{i}``.
 
-    Args: as :func:`prefill_spec`.
+    Args: as :func:`prefill_spec`, and
+        row_positions: ``position`` is ``[B]``, one position per row (rows of sequences that started
+            at different steps share a batch: in-flight batching in ``hita serve``). Off by default:
+            the C++ host and older artifacts feed ``[1]``.
     """
+    rows: tuple[int | str, ...] = ("batch",) if row_positions else (1,)
     return _gpt_spec(
         DECODE_STEP, gpt_cfg, dtype,
         lambda dt: (
             TensorSpec("token", "int64", ("batch",), 0, gpt_cfg.vocab_size),
-            TensorSpec("position", "int64", (1,), 1, gpt_cfg.seq_len),
+            TensorSpec("position", "int64", rows, 1, gpt_cfg.seq_len),
         )
         + _kv_specs(gpt_cfg, "past_key_values", dt),
         opset=opset, max_batch=max_batch, opt_batch=opt_batch, description="hita decode-step graph",
@@ -504,14 +511,22 @@ def graph_specs(
     dtype: str | torch.dtype = "float32",
     opset: int = 18,
     max_batch: int = 16,
+    row_positions: bool = False,
 ) -> dict[str, ExportSpec]:
     """The three specs of a hita artifacts folder, keyed by graph name.
 
     The decoder's TensorRT profile gets ``max(3, max_batch // 2)`` images: CFG doubles only the GPT
-    batch, never the number of images decoded.
+    batch, never the number of images decoded. ``row_positions``: see :func:`decode_spec`.
     """
     return {
         DECODER: decoder_spec(tok_cfg, opset=opset, max_batch=max(3, max_batch // 2)),
         PREFILL: prefill_spec(gpt_cfg, dtype=dtype, opset=opset, max_batch=max_batch),
-        DECODE_STEP: decode_spec(gpt_cfg, dtype=dtype, opset=opset, max_batch=max_batch),
+        DECODE_STEP: decode_spec(gpt_cfg, dtype=dtype, opset=opset, max_batch=max_batch,
+                                 row_positions=row_positions),
     }
+
+
+def has_row_positions(signature: GraphSignature) -> bool:
+    """Whether a recorded decode-step signature takes one position per row (``position [batch]``)."""
+    pos = next((t for t in signature.inputs if t.name == "position"), None)
+    return pos is not None and pos.shape == ("batch",)

@@ -38,7 +38,7 @@ from .errors import ArtifactError, ExportError
 from .graphs import SpecGraph
 from .manifest import Manifest, check_output_folder, load_manifest, staging_dir, write_artifacts
 from .onnx import OnnxBackend
-from .spec import GRAPH_NAMES, DynamicDim, ExportSpec, graph_specs
+from .spec import DECODE_STEP, GRAPH_NAMES, DynamicDim, ExportSpec, graph_specs, has_row_positions
 from .trt_support import check_onnx_for_tensorrt
 
 if TYPE_CHECKING:
@@ -299,7 +299,8 @@ def build_from_onnx(onnx_dir: str | Path, out_dir: str | Path, *, options: Tenso
             "for TensorRT's in-place cache")
         options = replace(options, kv_write="scatter")
     specs = graph_specs(onnx_manifest.tokenizer_cfg, onnx_manifest.gpt_cfg, dtype=onnx_manifest.precision,
-                        max_batch=int(onnx_manifest.options.get("max_batch", 16)))
+                        max_batch=int(onnx_manifest.options.get("max_batch", 16)),
+                        row_positions=has_row_positions(onnx_manifest.signature(DECODE_STEP)))
     device = torch.device("cuda")
     graphs: dict[str, dict[str, Any]] = {}
     with staging_dir(out) as work:

@@ -74,6 +74,19 @@ def _cpp() -> tuple[bool, str]:
     return True, "cmake, g++ and the host's libraries (JSON, PNG, CLI, SHA-256) are present"
 
 
+def _triton() -> tuple[bool, str]:
+    from hita.serving.launcher import TritonMissing, find_triton
+
+    try:
+        install = find_triton()
+        import tritonclient.grpc  # noqa: F401
+        import tritonclient.http  # noqa: F401
+    except (TritonMissing, ImportError) as e:
+        return False, str(e).split(";")[0]
+    return True, f"tritonserver {install.binary.parent.parent} (nvidia-pytriton {_version('nvidia-pytriton')}), " \
+                 f"tritonclient {_version('tritonclient')}"
+
+
 def checks() -> list[Check]:
     """Every capability, in the order a user meets them."""
     import torch
@@ -82,6 +95,7 @@ def checks() -> list[Check]:
     trt_ok, trt = _tensorrt()
     ort_ok, ort, providers = _ort()
     cpp_ok, cpp = _cpp()
+    triton_ok, triton = _triton()
     onnx_ok = all(_version(d) for d in ("onnx", "onnxscript"))
     gpu_fix = "use a machine with an NVIDIA GPU and a CUDA build of torch"
     trt_fix = "" if trt_ok else ("pip install 'hita[gpu]' (TensorRT 10.15+ or 11.x)" if gpu_ok else gpu_fix)
@@ -99,5 +113,6 @@ def checks() -> list[Check]:
         Check("runtime tensorrt", trt_ok and gpu_ok, trt if gpu_ok else gpu, trt_fix),
         Check("build-cpp (C++ host)", cpp_ok, cpp,
               "" if cpp_ok else "apt-get install cmake g++ nlohmann-json3-dev libstb-dev libcli11-dev libssl-dev"),
+        Check("serve (Triton Inference Server)", triton_ok, triton, "" if triton_ok else "pip install 'hita[serve]'"),
     ]
     return out

@@ -9,17 +9,22 @@ Every refusal is one :class:`~hita.export.errors.ArtifactError` line with the ca
 KV cache: ``prefill.pt2`` returns a fresh cache (``present.*``); this executor keeps those tensors
 and hands them to ``decode_step.pt2``, which writes slot ``pos`` of each one in place and returns
 only the logits (see :mod:`hita.export.aoti` for why). No sampling happens here.
+
+A folder whose decode step takes ``position [batch]`` (exported with ``row_positions``) gives an
+executor with ``row_positions`` (in-flight batching): ``add_rows`` runs the prefill package on the
+newcomers and appends their caches, ``keep_rows`` keeps a copy of the surviving rows.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 from hita.export.errors import ArtifactError
-from hita.export.manifest import Manifest, check_unchanged, load_manifest
-from hita.export.spec import DECODE_STEP, DECODER, DTYPES, PREFILL
+from hita.export.manifest import Manifest, check_unchanged, load_manifest, verified_copy
+from hita.export.spec import DECODE_STEP, DECODER, DTYPES, PREFILL, has_row_positions
 
-from .executor import StepExecutor
+from .executor import StepExecutor, check_keep_rows, check_positions
 
 __all__ = ["AotiExecutor", "check_aoti_manifest"]
 
@@ -102,17 +107,21 @@ class AotiExecutor(StepExecutor):
         self.gpt_config = self.manifest.gpt_cfg
         self.tokenizer_config = self.manifest.tokenizer_cfg
         self.pos128 = self.manifest.pos128
+        self.row_positions = has_row_positions(self.manifest.signature(DECODE_STEP))
         index = self.device.index if self.device.index is not None else (0 if self.device.type == "cuda" else -1)
-        self._prefill = self._load(PREFILL, index)
-        self._decode = self._load(DECODE_STEP, index)
-        self._decoder = self._load(DECODER, index)
+        # A package is code: load private copies made from the bytes that were hashed, so a folder
+        # changed after the check cannot slip a different shared library in.
+        with tempfile.TemporaryDirectory(prefix="hita-aoti-") as private:
+            self._prefill = self._load(PREFILL, index, private)
+            self._decode = self._load(DECODE_STEP, index, private)
+            self._decoder = self._load(DECODER, index, private)
         check_unchanged(self.root, fingerprints)
         self.kv_itemsize = DTYPES[self.manifest.precision].itemsize
         self._cache: tuple[torch.Tensor, ...] | None = None
         self._batch = 0
 
-    def _load(self, graph: str, index: int):
-        path = self.root / self.manifest.graph_file(graph)
+    def _load(self, graph: str, index: int, private: str):
+        path = verified_copy(self.root, self.manifest, self.manifest.graph_file(graph), private)
         try:
             return torch._inductor.aoti_load_package(str(path), device_index=index)
         except Exception as e:  # noqa: BLE001 - any loader failure is an unusable artifact
@@ -131,7 +140,7 @@ class AotiExecutor(StepExecutor):
         self._batch = batch
 
     def _rows(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        if self._batch == 0:
+        if self._batch == 0:  # never started, or every row left
             raise RuntimeError(f"{self.name}: call start(batch) before {what}")
         if t.dim() != 1 or t.shape[0] != self._batch:
             raise ValueError(
@@ -147,17 +156,49 @@ class AotiExecutor(StepExecutor):
         self._cache = tuple(cache)
         return logits
 
-    def decode(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """See :meth:`StepExecutor.decode`. Updates the cache in place; returns logits ``[B, V]``."""
         toks = self._rows(tokens, "decode")                                      # [B]
         if self._cache is None:
             raise RuntimeError(f"{self.name}: call prefill before decode")
-        last = self.gpt_config.seq_len - 1
-        if not 1 <= int(pos) <= last:
-            raise ValueError(f"decode position {pos} out of range [1, {last}] for this GPT")
-        p = torch.tensor([int(pos)], dtype=torch.int64, device=self.device)     # [1]
+        pos = check_positions(pos, self._batch, self.gpt_config.seq_len - 1, self.name)
+        if isinstance(pos, torch.Tensor):
+            if not self.row_positions:
+                raise ValueError(f"{self.root}: this decode step takes one position for all rows; "
+                                 "export with row_positions for per-row positions")
+            p = pos.to(self.device)                                              # [B]
+        else:
+            p = torch.full((self._batch if self.row_positions else 1,), pos, dtype=torch.int64, device=self.device)
         with torch.no_grad():
             return self._decode(toks, p, self._cache)                            # [B, V]
+
+    # -- in-flight batching -------------------------------------------------------------------
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """See :meth:`StepExecutor.keep_rows`."""
+        self._need_rows("keep_rows")
+        idx = check_keep_rows(rows, self._batch if self._cache is not None else 0, self.name).to(self.device)
+        if self._cache is not None:
+            self._cache = tuple(c.index_select(0, idx) for c in self._cache)     # each [B', H, S, hd]
+        self._batch = idx.shape[0]
+
+    def add_rows(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """See :meth:`StepExecutor.add_rows`. Returns logits ``[n, V]`` on the device."""
+        self._need_rows("add_rows")
+        if class_ids.dim() != 1 or class_ids.shape[0] < 1:
+            raise ValueError(f"{self.name}.add_rows expects class ids [n], n >= 1, got shape {tuple(class_ids.shape)}")
+        with torch.no_grad():
+            logits, *cache = self._prefill(class_ids.to(self.device, torch.int64).contiguous())
+        if self._cache is not None and self._batch:
+            cache = [torch.cat(pair) for pair in zip(self._cache, cache)]
+        self._cache = tuple(cache)
+        self._batch = self._cache[0].shape[0]
+        return logits
+
+    def _need_rows(self, what: str) -> None:
+        if not self.row_positions:
+            raise NotImplementedError(f"{self.name}.{what}: {self.root} has a decode step with one position for "
+                                      "all rows; export with row_positions to change a running batch")
 
     # -- pixels ------------------------------------------------------------------------------
 

@@ -26,6 +26,18 @@ What an executor declares so the loop, servers and GPUs can use it without knowi
   profiles); ``()`` means any. The loop prefers the largest bucket that fits when it chunks.
 - :meth:`StepExecutor.kv_cache_bytes`: memory one sequence of ``rows`` rows needs, so callers can
   refuse a batch that cannot fit before allocating it.
+- ``row_positions``: whether :meth:`StepExecutor.decode` takes one position per row and the batch
+  can change between steps (:meth:`StepExecutor.keep_rows`, :meth:`StepExecutor.add_rows`). A server
+  uses that for in-flight batching: requests that arrive while others decode join at the next step
+  (prefill for the newcomers, decode for the rest) and finished rows leave. Executors without it
+  serve batches that start together (the server then admits newcomers only at sequence start).
+
+In-flight call sequence (``row_positions`` executors)::
+
+    logits_new = ex.add_rows(class_ids)             # prefill newcomers at position 0, appended last
+                                                    # (to an empty or a running batch)
+    logits = ex.decode(tokens, positions)           # positions int64 [B]: each row's own step
+    ex.keep_rows(rows)                              # drop finished rows (ascending row indices)
 """
 from __future__ import annotations
 
@@ -36,7 +48,7 @@ import torch
 
 from hita.config import GPTConfig, TokenizerConfig
 
-__all__ = ["StepExecutor", "validate_class_ids"]
+__all__ = ["StepExecutor", "validate_class_ids", "check_positions", "check_keep_rows"]
 
 
 class StepExecutor(ABC):
@@ -60,6 +72,7 @@ class StepExecutor(ABC):
     max_rows: int | None = None
     batch_buckets: tuple[int, ...] = ()
     kv_itemsize: int = 4
+    row_positions: bool = False
 
     def kv_cache_bytes(self, rows: int) -> int:
         """Bytes of the KV cache for ``rows`` rows (k and v, every layer, the static length)."""
@@ -104,17 +117,39 @@ class StepExecutor(ABC):
         """
 
     @abstractmethod
-    def decode(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """Feed one token per row at sequence position ``pos`` and return the next-token logits.
 
         Args:
             tokens: int64 ``[B]``, the token at sequence index ``pos - 1`` (holistic token ``pos - 1``
                 while ``pos <= n_holistic``, else patch token ``pos - 1 - n_holistic``).
-            pos: position in ``1 .. n_holistic + n_patch - 1``.
+            pos: position in ``1 .. n_holistic + n_patch - 1`` for every row, or (``row_positions``
+                executors only) an int64 tensor ``[B]`` of one such position per row.
         Returns:
-            logits ``[B, V]`` of the head that ``pos`` selects (holistic if ``pos < n_holistic``,
-            else patch), predicting sequence index ``pos``.
+            logits ``[B, V]`` of the head that each row's position selects (holistic if
+            ``pos < n_holistic``, else patch), predicting sequence index ``pos``.
         """
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the running batch, in this order (in-flight batching: finished
+        or cancelled sequences leave). ``row_positions`` executors implement it.
+
+        Args:
+            rows: int64 ``[B']``, strictly increasing indices into the current batch; may be empty.
+        """
+        raise NotImplementedError(f"{self.name} cannot change a running batch (row_positions is False)")
+
+    def add_rows(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Prefill new sequences (position 0) and append their rows after the running ones, whose
+        caches are untouched. ``row_positions`` executors implement it.
+
+        Args:
+            class_ids: int64 ``[n]``, as in :meth:`prefill` (CFG null rows included by the caller).
+        Returns:
+            logits ``[n, V]`` of the holistic head for the new rows (a tensor the next call does not
+            overwrite).
+        """
+        raise NotImplementedError(f"{self.name} cannot change a running batch (row_positions is False)")
 
     @abstractmethod
     def decode_image(self, holistic_ids: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
@@ -162,3 +197,44 @@ def validate_class_ids(class_ids: torch.Tensor | Sequence[int], num_classes: int
             f"use ids 0..{num_classes - 1} (id {num_classes} is the CFG null class, added by the loop)"
         )
     return ids
+
+
+def check_positions(pos: int | torch.Tensor, rows: int, last: int, name: str) -> int | torch.Tensor:
+    """Validate a decode position: an int for every row, or an int64 tensor ``[rows]`` per row.
+
+    Args:
+        pos: what :meth:`StepExecutor.decode` received.
+        rows: the running batch size.
+        last: the last valid position (``seq_len - 1``).
+        name: the executor's name, for messages.
+    Returns:
+        ``pos`` as an ``int``, or as an int64 CPU tensor ``[rows]``.
+    Raises:
+        ValueError: out of range, wrong shape or dtype.
+    """
+    if not isinstance(pos, torch.Tensor):
+        if not 1 <= int(pos) <= last:
+            raise ValueError(f"decode position {pos} out of range [1, {last}] for this GPT")
+        return int(pos)
+    if pos.dtype != torch.int64 or pos.dim() != 1 or pos.shape[0] != rows:
+        raise ValueError(f"{name}.decode per-row positions must be int64 [{rows}], got {pos.dtype} {tuple(pos.shape)}")
+    p = pos.detach().cpu()
+    if rows and not (1 <= int(p.min()) and int(p.max()) <= last):
+        raise ValueError(f"decode positions {p.tolist()} out of range [1, {last}] for this GPT")
+    return p
+
+
+def check_keep_rows(rows: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Validate :meth:`StepExecutor.keep_rows` indices: int64, 1-D, strictly increasing, in range.
+
+    Returns:
+        ``rows`` as an int64 CPU tensor.
+    Raises:
+        ValueError: otherwise.
+    """
+    r = torch.as_tensor(rows).detach().cpu()
+    if r.dtype != torch.int64 or r.dim() != 1:
+        raise ValueError(f"{name}.keep_rows expects int64 row indices [k], got {r.dtype} {tuple(r.shape)}")
+    if r.numel() and (int(r.min()) < 0 or int(r.max()) >= batch or bool((r[1:] <= r[:-1]).any())):
+        raise ValueError(f"{name}.keep_rows needs strictly increasing indices in [0, {batch}), got {r.tolist()}")
+    return r

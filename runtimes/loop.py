@@ -42,6 +42,8 @@ __all__ = [
     "prefill",
     "decode_one_token",
     "guided_logits",
+    "draw_tokens",
+    "sample_rows",
     "generate_tokens",
     "teacher_forced",
     "generate_images",
@@ -98,6 +100,44 @@ def guided_logits(raw: torch.Tensor, opts: SamplingOptions, step: int, host: boo
     if opts.cfg_active(step):
         return apply_cfg(raw, opts.cfg_scale)                                 # [n, V]
     return raw[: raw.shape[0] // 2]                                           # cond rows only
+
+
+def draw_tokens(logits: torch.Tensor, opts: SamplingOptions, noise: NoiseStream, t: int, row_offset: int = 0) -> torch.Tensor:
+    """Draw the tokens at sequence index ``t`` for ``n`` images from their guided logits.
+
+    The one place a token is drawn: :func:`generate_tokens` and the in-flight server
+    (:mod:`hita.serving.scheduler`) both call it, so an image gets the same tokens whichever
+    batch it ran in. Image ``r`` uses the uniform ``noise.uniform(t, n, row_offset)[r]``.
+
+    Args:
+        logits: float32 ``[n, V]`` from :func:`guided_logits`, on the CPU or the executor's device.
+        opts: sampling options.
+        noise: the request's :class:`~hita.runtimes.sampling.NoiseStream` (keyed by its seed).
+        t: sequence index of the tokens being drawn.
+        row_offset: global index of the first image.
+    Returns:
+        int64 ``[n]`` on the logits' device. On a GPU the NaN check is left to the caller (it would
+        sync every step).
+    """
+    return sample_rows(logits, opts, noise.uniform(t, logits.shape[0], row_offset))
+
+
+def sample_rows(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor) -> torch.Tensor:
+    """:func:`~hita.runtimes.sampling.sample` where the logits live, given each row's uniform.
+
+    Rows are independent, so rows of several requests with the same options may be drawn in one
+    call (the in-flight server does) and get the tokens each would get alone.
+
+    Args:
+        logits: float32 ``[n, V]`` guided logits.
+        opts: temperature / top-k / top-p.
+        u: float64 CPU ``[n]`` uniforms (:meth:`~hita.runtimes.sampling.NoiseStream.uniform`).
+    Returns:
+        int64 ``[n]`` on the logits' device (no NaN check on a GPU: it would sync).
+    """
+    if logits.device.type == "cpu":
+        return sample(logits, opts, u)
+    return sample(logits, opts, u.to(logits.device, non_blocking=True), check=False)
 
 
 def prefill(executor: StepExecutor, class_ids: torch.Tensor, opts: SamplingOptions, host: bool = True) -> torch.Tensor:
@@ -231,12 +271,9 @@ def _generate_chunk(
             logits = decode_one_token(executor, tokens[:, t - 1], t, opts, host=host)
         if recorded is not None:
             recorded[:, t] = logits.cpu()
-        u = noise.uniform(t, m, row_offset)                                   # float64 [m], host
-        if dev.type == "cpu":
-            tokens[:, t] = sample(logits, opts, u)
-        else:
+        if dev.type != "cpu":
             finite &= torch.isfinite(logits).any(dim=-1).all()
-            tokens[:, t] = sample(logits, opts, u.to(dev, non_blocking=True), check=False)
+        tokens[:, t] = draw_tokens(logits, opts, noise, t, row_offset)
         bar.update()
     if not bool(finite):
         raise FloatingPointError(

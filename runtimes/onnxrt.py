@@ -23,6 +23,12 @@ Logits come back as a torch tensor that shares memory with the bound output ``Or
 zero-copy on CPU and CUDA, any dtype including bfloat16). It is overwritten by the next call, so a
 caller that keeps logits across steps must copy them (the shared loop consumes them at once).
 
+In-flight batching: a folder whose decode step takes ``position [batch]`` (exported with
+``row_positions``, as ``hita serve`` does) gives an executor with ``row_positions``: ``decode`` takes
+one position per row, ``add_rows`` prefills newcomers in their own session run and
+``keep_rows`` drops finished rows. Both re-allocate the bound buffers for the new batch and copy the
+kept cache rows over (a join or a leave costs one cache copy; a step costs nothing extra).
+
 ``onnxruntime`` is imported only here, when an executor is built. The CPU provider is the default;
 with ``onnxruntime-gpu`` installed, the CUDA provider is used first when available, and every
 bound buffer lives on the GPU.
@@ -38,9 +44,18 @@ import torch
 
 from hita.export.errors import ArtifactError, SignatureError
 from hita.export.manifest import Manifest, check_unchanged, load_manifest
-from hita.export.spec import DECODE_STEP, DECODER, DTYPES, PREFILL, GraphSignature, TensorSpec, graph_specs
+from hita.export.spec import (
+    DECODE_STEP,
+    DECODER,
+    DTYPES,
+    PREFILL,
+    GraphSignature,
+    TensorSpec,
+    graph_specs,
+    has_row_positions,
+)
 
-from .executor import StepExecutor
+from .executor import StepExecutor, check_keep_rows, check_positions
 
 __all__ = ["OrtExecutor", "KV_BINDINGS", "session_signature"]
 
@@ -114,7 +129,9 @@ class OrtExecutor(StepExecutor):
         self.manifest = load_manifest(self.artifacts_dir, expect_engine="onnx", verify_files=verify_files,
                                       expect_sha256=expect_manifest_sha256, fingerprints=fingerprints)
         self.gpt_config, self.tokenizer_config = _configs(self.manifest)
-        self.specs = graph_specs(self.tokenizer_config, self.gpt_config, dtype=self.manifest.precision)
+        self.row_positions = has_row_positions(self.manifest.signature(DECODE_STEP))
+        self.specs = graph_specs(self.tokenizer_config, self.gpt_config, dtype=self.manifest.precision,
+                                 row_positions=self.row_positions)
         for graph, spec in self.specs.items():
             try:
                 spec.signature.check(self.manifest.signature(graph), "manifest.json", spec.description, _FIX)
@@ -186,7 +203,7 @@ class OrtExecutor(StepExecutor):
         self._logits = self._alloc(logits_spec.concrete_shape(sizes), logits_spec.dtype)
         self._class_ids = self._alloc((batch,), "int64")
         self._token = self._alloc((batch,), "int64")
-        self._position = self._alloc((1,), "int64")
+        self._position = self._alloc(dec.inputs[1].concrete_shape(sizes), "int64")  # [1] or [B]
         self._logits_t = torch.from_dlpack(self._logits)  # [B, V], shares memory with the OrtValue
 
         self._prefill_binding = self._sessions[PREFILL].io_binding()
@@ -230,20 +247,68 @@ class OrtExecutor(StepExecutor):
         self._cur, self._prefilled = 0, True
         return self._logits_t
 
-    def decode(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """See :meth:`StepExecutor.decode`. Returns logits ``[B, V]`` in the export dtype, a view of
         the bound output buffer (valid until the next call)."""
         ids = self._ids(tokens, "decode")
         if not self._prefilled:
             raise RuntimeError(f"{self.name}: call prefill(class_ids) after start(batch) and before decode")
-        last = self.gpt_config.seq_len - 1
-        if not 1 <= int(pos) <= last:
-            raise ValueError(f"decode position {pos} out of range [1, {last}] for this GPT")
+        pos = check_positions(pos, self._batch, self.gpt_config.seq_len - 1, self.name)
+        if isinstance(pos, torch.Tensor):
+            if not self.row_positions:
+                raise ValueError(f"{self.artifacts_dir}: this decode step takes one position for all rows; "
+                                 "export with row_positions (as `hita serve` does) for per-row positions")
+            self._position.update_inplace(np.ascontiguousarray(pos.numpy()))
+        else:
+            self._position.update_inplace(np.full(self._position.shape(), pos, dtype=np.int64))
         self._token.update_inplace(ids)
-        self._position.update_inplace(np.array([int(pos)], dtype=np.int64))
         self._sessions[DECODE_STEP].run_with_iobinding(self._decode_bindings[self._cur])
         self._cur = (self._cur + 1) % len(self._kv)
         return self._logits_t
+
+    # -- in-flight batching -------------------------------------------------------------------
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """See :meth:`StepExecutor.keep_rows`. Re-allocates the buffers and copies the kept rows."""
+        self._need_rows("keep_rows")
+        idx = check_keep_rows(rows, self._batch if self._prefilled else 0, self.name)
+        kept = [t.index_select(0, idx.to(t.device)) for t in self.kv_cache()] if self._prefilled else []
+        self._rebuild(kept)
+
+    def add_rows(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """See :meth:`StepExecutor.add_rows`. Returns logits ``[n, V]`` (a new tensor)."""
+        self._need_rows("add_rows")
+        ids = np.ascontiguousarray(class_ids.detach().to("cpu", torch.int64).numpy())
+        if ids.ndim != 1 or ids.shape[0] < 1:
+            raise ValueError(f"{self.name}.add_rows expects class ids [n], n >= 1, got shape {ids.shape}")
+        logits, *cache = self._sessions[PREFILL].run(None, {"class_ids": ids})   # numpy, [n, V] + caches
+        new = [torch.from_numpy(np.asarray(c)) for c in cache]
+        if self._prefilled and self._batch:
+            new = [torch.cat([old.to("cpu"), n]) for old, n in zip(self.kv_cache(), new)]  # [B + n, ...]
+        self._rebuild(new)
+        return torch.from_numpy(np.asarray(logits)).to(self.device)
+
+    def _need_rows(self, what: str) -> None:
+        if not self.row_positions:
+            raise NotImplementedError(
+                f"{self.name}.{what}: {self.artifacts_dir} has a decode step with one position for all rows; "
+                "export with row_positions (as `hita serve` does) to change a running batch")
+
+    def _rebuild(self, cache: list[torch.Tensor]) -> None:
+        """Bind fresh buffers for ``cache[0].shape[0]`` rows and fill them with ``cache``."""
+        rows = cache[0].shape[0] if cache else 0
+        if rows == 0:
+            self._batch, self._prefilled = 0, False
+            self._prefill_binding = self._decode_bindings = self._kv = self._logits_t = None
+            return
+        self.start(rows)
+        for dst, src in zip(self._kv_views(0), cache):
+            dst.copy_(src)
+        self._cur, self._prefilled = 0, True
+
+    def _kv_views(self, which: int) -> list[torch.Tensor]:
+        """Torch views of cache set ``which`` (``[k0, v0, ...]``), allocated or not."""
+        return [torch.from_dlpack(v) for v in self._kv[which]]
 
     def kv_cache(self) -> list[torch.Tensor]:
         """The current cache as torch views ``[k0, v0, k1, v1, ...]`` (each ``[B, H, S, hd]``), in the

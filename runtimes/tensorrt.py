@@ -13,6 +13,11 @@ into their fixed buffers and replays a CUDA graph of ``execute_async_v3`` (one g
 for ping-pong), captured on a private stream after one warm-up run (TensorRT's rule after a shape
 change). Logits stay on the GPU: the shared loop samples there, so no step syncs with the host.
 
+Engines built from a decode step with ``position [batch]`` (``row_positions`` exports) run here
+with every row at one position (the buffer is filled per step); changing a running batch
+(``add_rows`` / ``keep_rows``) is not implemented for TensorRT yet, so ``row_positions`` stays
+False and ``hita serve`` admits newcomers at sequence start.
+
 TensorRT and CUDA are needed only here, imported lazily.
 """
 from __future__ import annotations
@@ -25,9 +30,9 @@ import torch
 
 from hita.export.errors import ArtifactError
 from hita.export.manifest import check_unchanged, load_manifest
-from hita.export.spec import DECODE_STEP, DECODER, DTYPES, PREFILL, graph_specs
+from hita.export.spec import DECODE_STEP, DECODER, DTYPES, PREFILL, graph_specs, has_row_positions
 
-from .executor import StepExecutor
+from .executor import StepExecutor, check_positions
 
 __all__ = ["TensorRTExecutor"]
 
@@ -62,7 +67,8 @@ class TensorRTExecutor(StepExecutor):
         check_engine_host(self.manifest, self.artifacts_dir)
         self.gpt_config, self.tokenizer_config = self.manifest.gpt_cfg, self.manifest.tokenizer_cfg
         self.specs = graph_specs(self.tokenizer_config, self.gpt_config, dtype=self.manifest.precision,
-                                 max_batch=int(self.manifest.options.get("max_batch", 16)))
+                                 max_batch=int(self.manifest.options.get("max_batch", 16)),
+                                 row_positions=has_row_positions(self.manifest.signature(DECODE_STEP)))
         self.device = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
         self._engines = {g: TrtEngine((self.artifacts_dir / self.manifest.graph_file(g)).read_bytes(),
                                       self.manifest.graph_file(g), self.device)
@@ -99,7 +105,7 @@ class TensorRTExecutor(StepExecutor):
 
         self._class_ids = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self._token = torch.zeros(batch, dtype=torch.int64, device=self.device)
-        self._position = torch.ones(1, dtype=torch.int64, device=self.device)
+        self._position = empty(dec.inputs[1]).fill_(1)                        # [1] or [B]
         self._logits = empty(dec.outputs[0])                                   # [B, V]
         n_sets = 1 if self._aliased else 2
         self._kv = [[empty(t) for t in dec.inputs[2:]] for _ in range(n_sets)]  # each [B, H, S, hd]
@@ -150,14 +156,15 @@ class TensorRTExecutor(StepExecutor):
         self._cur, self._prefilled = 0, True
         return self._logits
 
-    def decode(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """See :meth:`StepExecutor.decode`. Logits ``[B, V]`` on the GPU (valid until the next call)."""
+    def decode(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """See :meth:`StepExecutor.decode`. Logits ``[B, V]`` on the GPU (valid until the next call).
+        One position for every row (``row_positions`` is False here)."""
         ids = self._rows(tokens, "decode")
         if not self._prefilled:
             raise RuntimeError(f"{self.name}: call prefill(class_ids) after start(batch) and before decode")
-        last = self.gpt_config.seq_len - 1
-        if not 1 <= int(pos) <= last:
-            raise ValueError(f"decode position {pos} out of range [1, {last}] for this GPT")
+        pos = check_positions(pos, self._batch, self.gpt_config.seq_len - 1, self.name)
+        if isinstance(pos, torch.Tensor):
+            raise ValueError(f"{self.name} runs every row at one position; per-row positions are not implemented here")
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             self._token.copy_(ids, non_blocking=True)

@@ -11,6 +11,11 @@ is static and written in place, the token and position live in fixed device buff
 has no data-dependent host control flow (positions act through gathers and masks), so one graph
 serves all 568 steps. Each step is then a buffer copy and one graph replay instead of hundreds of
 kernel launches from Python, which is what bounds small-batch decode on a GPU.
+
+In-flight batching (``row_positions``): ``decode`` also takes one position per row, ``add_rows``
+prefills newcomers into fresh caches and appends them, ``keep_rows`` drops finished rows. A
+per-row step runs eagerly even with ``cuda_graphs`` (the captured graph bakes in one batch and a
+``[1]`` position), and any change of the batch drops the captured graph.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 
 from hita.config import check_pair
 
-from .executor import StepExecutor
+from .executor import StepExecutor, check_keep_rows, check_positions
 
 if TYPE_CHECKING:
     from hita.models.gpt import HitaGPT
@@ -47,6 +52,7 @@ class TorchExecutor(StepExecutor):
     """
 
     name = "torch-eager"
+    row_positions = True
 
     def __init__(
         self,
@@ -92,7 +98,7 @@ class TorchExecutor(StepExecutor):
         self._batch = batch
 
     def _check_rows(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        if self._k is None:
+        if self._k is None or self._batch == 0:
             raise RuntimeError(f"{self.name}: call start(batch) before {what}")
         if t.dim() != 1 or t.shape[0] != self._batch:
             raise ValueError(
@@ -108,15 +114,19 @@ class TorchExecutor(StepExecutor):
             logits, self._k, self._v = self.gpt.prefill(ids, self._k, self._v, inplace=True)
         return logits                                                          # [B, V]
 
-    def decode(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """See :meth:`StepExecutor.decode`. Returns logits ``[B, V]`` in the GPT dtype."""
         toks = self._check_rows(tokens, "decode")                              # [B]
-        last = self.gpt_config.seq_len - 1
-        if not 1 <= int(pos) <= last:
-            raise ValueError(f"decode position {pos} out of range [1, {last}] for this GPT")
+        pos = check_positions(pos, self._batch, self.gpt_config.seq_len - 1, self.name)
+        if isinstance(pos, torch.Tensor):                                      # one position per row
+            with torch.inference_mode():
+                logits, self._k, self._v = self.gpt.decode(
+                    toks, pos.to(self.device), self._k, self._v, pos128=self.pos128, inplace=True
+                )
+            return logits                                                      # [B, V]
         with torch.inference_mode():
             self._tok_buf.copy_(toks)
-            self._pos_buf.fill_(int(pos))
+            self._pos_buf.fill_(pos)
             if self.cuda_graphs:
                 if self._graph is None:
                     self._capture()
@@ -126,6 +136,38 @@ class TorchExecutor(StepExecutor):
                 self._tok_buf, self._pos_buf, self._k, self._v, pos128=self.pos128, inplace=True
             )
         return logits                                                          # [B, V]
+
+    # -- in-flight batching -------------------------------------------------------------------
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """See :meth:`StepExecutor.keep_rows`. The kept rows are copied into new caches."""
+        idx = check_keep_rows(rows, self._batch if self._k is not None else 0, self.name).to(self.device)
+        with torch.inference_mode():
+            if self._k is not None:
+                self._k = [c.index_select(0, idx) for c in self._k]                # k x [B', H, S, hd]
+                self._v = [c.index_select(0, idx) for c in self._v]
+            self._resized(idx.shape[0])
+
+    def add_rows(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """See :meth:`StepExecutor.add_rows`. Returns logits ``[n, V]`` in the GPT dtype."""
+        if class_ids.dim() != 1 or class_ids.shape[0] < 1:
+            raise ValueError(f"{self.name}.add_rows expects class ids [n], n >= 1, got shape {tuple(class_ids.shape)}")
+        ids = class_ids.to(self.device, torch.int64)                           # [n]
+        with torch.inference_mode():
+            k, v = self.gpt.new_caches(ids.shape[0], dtype=self.dtype, device=self.device)
+            logits, k, v = self.gpt.prefill(ids, k, v, inplace=True)          # [n, V]
+            if self._k is not None and self._batch:
+                k = [torch.cat(pair) for pair in zip(self._k, k)]              # [B + n, H, S, hd]
+                v = [torch.cat(pair) for pair in zip(self._v, v)]
+            self._k, self._v = k, v
+            self._resized(k[0].shape[0])
+        return logits
+
+    def _resized(self, batch: int) -> None:
+        self._graph = None
+        self._batch = batch
+        self._tok_buf = torch.zeros(batch, dtype=torch.int64, device=self.device)   # [B]
+        self._pos_buf = torch.ones(1, dtype=torch.int64, device=self.device)        # [1]
 
     def _step(self) -> torch.Tensor:
         logits, _, _ = self.gpt.decode(self._tok_buf, self._pos_buf, self._k, self._v, pos128=self.pos128,

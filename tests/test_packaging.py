@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPING = {"hita": "hita", "hita.export": "export", "hita.runtimes": "runtimes",
-           "hita.calibration": "calibration", "hita.cli": "cli", "hita.jobs": "jobs"}
+           "hita.calibration": "calibration", "hita.cli": "cli", "hita.jobs": "jobs", "hita.serving": "serving"}
 
 
 def _pyproject():

@@ -27,7 +27,8 @@ The input embedding at position Nh (spec 8.1) is selected by ``pos128``:
 Inference is step-wise and pure. The KV caches are plain tensors owned by the caller
 (``new_caches``). ``prefill`` feeds the class token. ``decode`` feeds one token at a tensor position
 ``pos`` without Python branching on its value, so one graph serves every position under torch.export
-and ONNX export.
+and ONNX export. ``pos`` is one position for the whole batch or one per row (in-flight batching:
+requests that started at different steps decode together).
 """
 from __future__ import annotations
 
@@ -79,12 +80,13 @@ def rope_table_2d(grid: int, head_dim: int, base: float, device=None) -> Tensor:
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate the interleaved pairs (x[2m], x[2m+1]) of x (B, T, H, hd) by the angles in rope.
 
-    rope is (T, hd/2, 2). The math runs in float32 and the result is cast back, as in the reference.
+    rope is (T, hd/2, 2), or (B, 1, hd/2, 2) for one decode position per row. The math runs in float32 and the result is cast back, as in the reference.
     With the zero row, cos = sin = 0, so the output is exactly 0.
     """
     xp = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
     x0, x1 = xp[..., 0], xp[..., 1]  # (B, T, H, hd/2)
-    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # (T, 1, hd/2)
+    # Leading axes pass through, so per-row decode tables (B, 1, hd/2, 2) broadcast row by row.
+    cos, sin = rope[..., None, :, 0], rope[..., None, :, 1]  # (T, 1, hd/2) or (B, 1, 1, hd/2)
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)  # (B, T, H, hd/2, 2)
     return out.flatten(-2).type_as(x)  # (B, T, H, hd)
 
@@ -105,15 +107,27 @@ def apply_positions(x: Tensor, pe: Positions) -> Tensor:
     return torch.where(pe.is_slot, x + pe.slot, apply_rope(x, pe.rope))  # (B, T, H, hd)
 
 
-def write_cache(cache: Tensor, new: Tensor, pos: Tensor, inplace: bool) -> Tensor:
-    """Write new (B, H, 1, hd) at sequence index pos (shape (1,)) of cache (B, H, S, hd).
+def _one_position(pos: Tensor) -> bool:
+    """Whether pos is statically one position for every row (shape (1,)). A traced per-row position
+    (symbolic batch size) is not, even where the batch could be 1: the graph must serve any batch."""
+    return isinstance(pos.shape[0], int) and pos.shape[0] == 1
 
-    inplace=True uses ``index_copy_`` on the given tensor (the eager fast path). inplace=False uses
-    an out-of-place ``scatter``, which gives a static-shape graph with no growing concat for export.
+
+def write_cache(cache: Tensor, new: Tensor, pos: Tensor, inplace: bool) -> Tensor:
+    """Write new (B, H, 1, hd) at sequence index pos of cache (B, H, S, hd): pos is (1,) (every row
+    at one index) or (B,) (one index per row, in-flight batching).
+
+    inplace=True uses ``index_copy_`` on the given tensor for one index (the eager fast path) and an
+    in-place ``scatter_`` for per-row indices. inplace=False uses an out-of-place ``scatter``, which
+    gives a static-shape graph with no growing concat for export. Writes copy values, so every path
+    stores the same bits.
     """
-    if inplace:
+    if inplace and _one_position(pos):
         return cache.index_copy_(2, pos, new)
-    return torch.scatter(cache, 2, pos.view(1, 1, 1, 1).expand_as(new), new)  # (B, H, S, hd)
+    index = pos.view(-1, 1, 1, 1).expand_as(new)  # (B, H, 1, hd)
+    if inplace:
+        return cache.scatter_(2, index, new)
+    return torch.scatter(cache, 2, index, new)  # (B, H, S, hd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,18 +344,26 @@ class HitaGPT(nn.Module):
         v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         return k, v
 
+    def _row_positions(self, pos: Tensor) -> Positions:
+        """Position treatment for one step at pos (R,), R = 1 (every row at one position) or B (one
+        position per row). The tables gain the step's length-1 time axis after the row axis, so they
+        broadcast against q/k (B, 1, H, hd) row by row; for R = 1 they hold the same values as
+        ``_positions`` and broadcast to the same results."""
+        pe = self._positions(pos)
+        return Positions(pe.is_slot[:, None], pe.slot[:, None], pe.rope[:, None])  # (R, 1, ...)
+
     def _step(self, x: Tensor, pos: Tensor, k_caches, v_caches, inplace: bool):
-        """Run the input embedding x (B, dim) at position pos (1,) through every layer. Returns the
-        final-normed hidden state (B, dim) and the new caches."""
+        """Run the input embedding x (B, dim) at position pos, (1,) or (B,), through every layer.
+        Returns the final-normed hidden state (B, dim) and the new caches."""
         if len(k_caches) != self.cfg.n_layer or len(v_caches) != self.cfg.n_layer:
             raise ValueError(
                 f"expected {self.cfg.n_layer} k and v caches (one per layer; see new_caches), "
                 f"got {len(k_caches)} and {len(v_caches)}"
             )
         x = self.tok_dropout(x[:, None])  # (B, 1, dim)
-        pe = self._positions(pos)
+        pe = self._row_positions(pos)
         s = k_caches[0].shape[2]
-        mask = (torch.arange(s, device=pos.device) <= pos).view(1, 1, 1, s)  # (1, 1, 1, S)
+        mask = (torch.arange(s, device=pos.device) <= pos[:, None]).view(-1, 1, 1, s)  # (R, 1, 1, S)
         new_k, new_v = [], []
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):
             x, kc, vc = layer.step(x, pe, kc, vc, pos, mask, inplace)  # x: (B, 1, dim)
@@ -372,24 +394,28 @@ class HitaGPT(nn.Module):
         pos128: str = "reference",
         inplace: bool = False,
     ):
-        """Feed tokens (B,) int64 at sequence position pos, an int64 tensor of shape (1,) with
-        1 <= pos <= Nh+Np-1 (not checked, so that the graph stays data-independent).
+        """Feed tokens (B,) int64 at sequence position pos, an int64 tensor of shape (1,) (every row
+        at one position) or (B,) (one position per row, so that sequences started at different
+        steps share a batch), with 1 <= pos <= Nh+Np-1 (not checked, so that the graph stays
+        data-independent).
 
-        The k/v are written at index pos; attention covers the whole static cache under the mask
-        arange(S) <= pos. The input table is slot_embeddings for pos < Nh ("reference") or
-        pos <= Nh ("consistent"), and tok_embeddings otherwise. Returns (logits (B, V), k_caches,
-        v_caches), with the logits from the holistic head if pos < Nh, else the patch head. They
-        come from the head in float32, cast back to the hidden dtype.
+        Each row's k/v are written at its index pos; attention covers the whole static cache under
+        the row's mask arange(S) <= pos. The input table is slot_embeddings for pos < Nh
+        ("reference") or pos <= Nh ("consistent"), and tok_embeddings otherwise. Returns (logits
+        (B, V), k_caches, v_caches), with each row's logits from the holistic head if its pos < Nh,
+        else the patch head. They come from the head in float32, cast back to the hidden dtype.
+        Every rule applies per row, and a (1,) position gives bit for bit what it gave before
+        per-row positions existed.
         """
         _check_pos128(pos128)
         nh, v = self.cfg.n_holistic, self.cfg.vocab_size
         first_tok = nh if pos128 == "reference" else nh + 1  # first position using tok_embeddings
-        use_slot = (pos < first_tok).view(1, 1)  # (1, 1)
+        use_slot = (pos < first_tok).view(-1, 1)  # (R, 1)
         slot, tok = self.slot_embeddings(tokens), self.tok_embeddings(tokens)  # (B, dim) each
         x = torch.where(use_slot, slot, tok)  # (B, dim)
         h, k_caches, v_caches = self._step(x, pos, k_caches, v_caches, inplace)
         full = F.linear(h, self.output.weight).float()  # (B, 2V)
-        logits = torch.where((pos < nh).view(1, 1), full[:, :v], full[:, v:])  # (B, V)
+        logits = torch.where((pos < nh).view(-1, 1), full[:, :v], full[:, v:])  # (B, V)
         return logits.to(h.dtype), k_caches, v_caches
 
     @torch.no_grad()
