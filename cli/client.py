@@ -11,7 +11,9 @@ from typing import Annotated
 
 import typer
 
-from hita.cli.common import fail, user_errors
+from hita.cli.common import (
+    CFG_INTERVAL_OPT, CFG_SCALE_OPT, SEED_OPT, TEMPERATURE_OPT, TOP_K_OPT, TOP_P_OPT, fail, user_errors,
+)
 
 
 @user_errors
@@ -23,12 +25,12 @@ def client(
     per_class: Annotated[int, typer.Option(min=1, max=100000, help="Images per class id.")] = 1,
     per_request: Annotated[int, typer.Option(min=1, max=4096, help="Images per request (the server has a limit).")] = 4,
     parallel: Annotated[int, typer.Option(min=1, max=256, help="Requests in flight at once.")] = 4,
-    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.5,
-    cfg_interval: Annotated[int, typer.Option(help="Use CFG only for decode steps <= this index (-1 = always).")] = -1,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
+    cfg_scale: CFG_SCALE_OPT = 1.5,
+    cfg_interval: CFG_INTERVAL_OPT = -1,
+    temperature: TEMPERATURE_OPT = 1.0,
+    top_k: TOP_K_OPT = 0,
+    top_p: TOP_P_OPT = 1.0,
+    seed: SEED_OPT = 0,
     tokens: Annotated[bool, typer.Option("--tokens", help="Also save the tokens (tokens.json).")] = False,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for a request's images.")] = 600.0,
 ) -> None:

@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import functools
 from enum import Enum
-from typing import Callable, TypeVar
+from typing import Annotated, Callable, TypeVar
 
 import typer
+
+# The sampling options, written once for every command that samples (defaults stay per command).
+CFG_SCALE_OPT = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")]
+CFG_INTERVAL_OPT = Annotated[int, typer.Option(help="Use CFG only for decode steps <= this index (-1 = always).")]
+TEMPERATURE_OPT = Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
+TOP_K_OPT = Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")]
+TOP_P_OPT = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
+SEED_OPT = Annotated[int, typer.Option(help="Seed of the shared noise stream.")]
 
 F = TypeVar("F", bound=Callable)
 

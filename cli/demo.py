@@ -6,14 +6,14 @@ from typing import Annotated
 
 import typer
 
-from hita.cli.common import progress_enabled, user_errors
+from hita.cli.common import SEED_OPT, progress_enabled, user_errors
 
 
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder (grid.png, cached ONNX export).")] = Path("out/demo"),
     per_class: Annotated[int, typer.Option(min=1, max=32, help="Images per class (grid columns).")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
+    seed: SEED_OPT = 0,
 ) -> None:
     """Export the default model to ONNX, draw a labelled grid through ONNX Runtime, check parity."""
     from hita.jobs.demo import run_demo

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hita.cli.common import user_errors
+from hita.cli.common import SEED_OPT, TEMPERATURE_OPT, TOP_K_OPT, user_errors
 from hita.cli.generate import ART_OPT, GPT_OPT, PIN_OPT, TOK_OPT
 from hita.runtimes.factory import Runtime
 
@@ -65,9 +65,9 @@ def inpaint_cmd(
     samples: Annotated[int, typer.Option(min=1, max=64, help="How many different fills.")] = 4,
     holistic: Annotated[Holistic, typer.Option(help="encode: holistic tokens of the visible part; sample: drawn by the GPT.")] = Holistic.encode,
     cfg_scale: Annotated[float, typer.Option(help="Guidance scale (needs --class; 1 = off).")] = 1.0,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Top-k filtering (0 = off).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
+    temperature: TEMPERATURE_OPT = 1.0,
+    top_k: TOP_K_OPT = 0,
+    seed: SEED_OPT = 0,
     runtime: RUNTIME_OPT = Runtime.torch,
     gpt: GPT_OPT = None,
     tokenizer: TOK_OPT = None,

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from hita.cli.common import progress_enabled, user_errors
+from hita.cli.common import (
+    CFG_SCALE_OPT, SEED_OPT, TEMPERATURE_OPT, TOP_K_OPT, TOP_P_OPT, progress_enabled, user_errors,
+)
 from hita.cli.generate import ART_OPT, GPT_OPT, PIN_OPT, TOK_OPT
 from hita.runtimes.factory import ARTIFACT_RUNTIMES, Runtime
 
@@ -64,11 +66,11 @@ def generation_cmd(
     inception_weights: Annotated[Optional[Path], typer.Option(help="pt_inception-2015-12-05-6726825d.pth (for --features inception).")] = None,
     reference: Annotated[str, typer.Option(help="'fashion-mnist' (its test split) or an ADM-style .npz reference batch.")] = "fashion-mnist",
     floor: Annotated[bool, typer.Option(help="Also score real training images against the reference (the floor).")] = True,
-    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.5,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Top-k filtering (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus mass (1 = off).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
+    cfg_scale: CFG_SCALE_OPT = 1.5,
+    temperature: TEMPERATURE_OPT = 1.0,
+    top_k: TOP_K_OPT = 0,
+    top_p: TOP_P_OPT = 1.0,
+    seed: SEED_OPT = 0,
     resize: Annotated[Optional[int], typer.Option(min=8, max=4096, help="Resize generated images (e.g. 256 for ADM batches).")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard file (the unit of resuming).")] = 500,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per generation batch.")] = 100,

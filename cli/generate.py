@@ -6,7 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from hita.cli.common import Pos128, Precision, progress_enabled, user_errors
+from hita.cli.common import (
+    CFG_INTERVAL_OPT, CFG_SCALE_OPT, Pos128, Precision, SEED_OPT,
+    TEMPERATURE_OPT, TOP_K_OPT, TOP_P_OPT, progress_enabled, user_errors,
+)
 from hita.jobs.sources import resolve_checkpoints
 from hita.runtimes.factory import ARTIFACT_RUNTIMES, Runtime
 
@@ -26,12 +29,12 @@ def generate(
     artifacts: ART_OPT = None,
     classes: Annotated[Optional[str], typer.Option(help="Class ids, e.g. 1,2,5-7. Default: every class of a small model.")] = None,
     per_class: Annotated[int, typer.Option(min=1, help="Images per class id.")] = 1,
-    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 1.5,
-    cfg_interval: Annotated[int, typer.Option(help="Use CFG only for decode steps <= this index (-1 = always).")] = -1,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
+    cfg_scale: CFG_SCALE_OPT = 1.5,
+    cfg_interval: CFG_INTERVAL_OPT = -1,
+    temperature: TEMPERATURE_OPT = 1.0,
+    top_k: TOP_K_OPT = 0,
+    top_p: TOP_P_OPT = 1.0,
+    seed: SEED_OPT = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (CFG doubles the rows).")] = 8,
     precision: Annotated[Optional[Precision], typer.Option(help="GPT precision (torch runtime; default fp32).")] = None,
     pos128: Annotated[Optional[Pos128], typer.Option(help="Embedding rule at position 128 (torch runtime; default reference).")] = None,

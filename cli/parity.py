@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hita.cli.common import user_errors
+from hita.cli.common import SEED_OPT, user_errors
 from hita.cli.generate import GPT_OPT, PIN_OPT, TOK_OPT
 
 
@@ -16,7 +16,7 @@ def parity(
     gpt: GPT_OPT = None,
     tokenizer: TOK_OPT = None,
     classes: Annotated[str, typer.Option(help="Class ids to run.")] = "0,1",
-    seed: Annotated[int, typer.Option(help="Seed of the shared noise stream.")] = 0,
+    seed: SEED_OPT = 0,
     cfg_scale: Annotated[float, typer.Option(help="CFG scale for the free-running check.")] = 1.5,
     max_logit_diff: Annotated[Optional[float], typer.Option(
         help="Fail above this teacher-forced |dlogit| (default 1e-4; quantized folders: not checked).")] = None,
