@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -94,6 +95,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 # ----------------------------------------------------------------------------------------------
 
 RUN_MARKER = ".hita-run"
+_MARKER_TMP = re.compile(rf"\.{re.escape(RUN_MARKER)}\.[A-Za-z0-9_]+\.tmp")  # atomic_write's temporary
 
 
 def folder_kind(path: str | os.PathLike) -> str | None:
@@ -119,7 +121,9 @@ def check_claimable(path: str | os.PathLike, kind: str, flag: str = "--out",
     if p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {p}: exists and is not a folder; choose a folder path")
     if p.is_dir():
-        entries = sorted(e.name for e in p.iterdir())
+        # A marker being written right now by another process of the same job (DDP ranks claim
+        # the run folder together) is ours: its atomic_write temporary is not a foreign file.
+        entries = sorted(e.name for e in p.iterdir() if not _MARKER_TMP.fullmatch(e.name))
         if entries and folder_kind(p) != kind and not (owned is not None and owned(p)):
             raise ValueError(f"{flag} {p}: holds files hita did not write (e.g. {entries[0]!r}); "
                              "choose a new or empty folder")
