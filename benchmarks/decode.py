@@ -9,6 +9,12 @@ positions, every runtime on the same calls, in interleaved rounds, and the token
 measures the rates again and takes the best of both for the floor. How each part is measured lives
 in ``benchmarks/benchlib``; this script says what to measure and prints it. Column meanings:
 ``benchmarks/README.md``.
+
+Runtimes: ``torch`` (eager, the reference), ``onnxruntime`` (the plain ONNX export),
+``onnxruntime-gqa`` (the ``--attention gqa`` export: GroupQueryAttention over the filled cache prefix
+in place, one head half per step), ``aoti``, ``cpp``. The floor charges the full 2V head for every
+runtime, so a graph that reads one half can come in a little under it (about 11 % of a 2-row step's
+bytes at GPT-B).
 """
 from __future__ import annotations
 

@@ -17,6 +17,11 @@ class KvWrite(str, Enum):
     tensorscatter = "tensorscatter"
 
 
+class Attention(str, Enum):
+    plain = "plain"
+    gqa = "gqa"
+
+
 class Engine(str, Enum):
     onnx = "onnx"
     aoti = "aoti"
@@ -79,6 +84,11 @@ def export(
         help="Decode-step cache write: scatter (ScatterElements; the onnx default, fastest in ONNX Runtime) or "
              "tensorscatter (opset 24 TensorScatter: TensorRT's in-place KV-cache update; the tensorrt default).")
     ] = None,
+    attention: Annotated[Optional[Attention], typer.Option(
+        help="onnx decode-step attention: plain (standard ONNX, every runtime; the default) or gqa (ONNX "
+             "Runtime's GroupQueryAttention: in-place prefix-only attention and only the needed head half; fp32, "
+             "ONNX Runtime only).")
+    ] = None,
     device: Annotated[str, typer.Option(help="Device to build and validate on (aoti: cpu or cuda).")] = "cpu",
     skip_validation: Annotated[bool, typer.Option("--skip-validation", help="Do not check graphs against eager.")] = False,
     from_onnx: Annotated[Optional[Path], typer.Option(
@@ -114,8 +124,10 @@ def export(
     if engine is Engine.triton:
         _export_triton(out, from_artifacts, gpt, tokenizer, device, max_batch,
                        dict(precision=precision is not ExportPrecision.fp32, calibration=calibration is not None,
-                            from_onnx=from_onnx is not None, kv_write=kv_write is not None))
+                            from_onnx=from_onnx is not None, kv_write=kv_write is not None,
+                            attention=attention is not None))
         return
+    _check_attention(attention, engine, precision, kv_write, from_onnx, expect_manifest_sha256)
     if precision.quantized or calibration is not None or calibrator is not None:
         _export_quantized(out, engine, precision, calibration, calibrator, from_onnx, gpt, tokenizer, gpt_preset,
                           tokenizer_preset, pos128, opset, kv_write, skip_validation, max_batch, device)
@@ -146,7 +158,7 @@ def export(
 
         export_onnx(g, tok, out, opset=opset, pos128=pos128.value, dtype=precision.dtype,
                     validate=not skip_validation, checkpoints=sources, kv_write=(kv_write or KvWrite.scatter).value,
-                    max_batch=max_batch, row_positions=row_positions)
+                    max_batch=max_batch, row_positions=row_positions, attention=(attention or Attention.plain).value)
     else:
         from hita.export.aoti import export_aoti
 
@@ -154,6 +166,29 @@ def export(
                     validate=not skip_validation, checkpoints=sources, max_batch=max_batch, row_positions=row_positions)
     typer.echo(f"wrote {out} ({engine.value}; {g.cfg.name} + {tok.cfg.name}, {precision.value}, pos128={pos128.value})")
     typer.echo(f"manifest sha256 {manifest_sha256(out)} (pin it: --expect-manifest-sha256)")
+
+
+def _check_attention(attention, engine, precision, kv_write, from_onnx, expect_manifest_sha256) -> None:
+    """``--attention``: the combinations that cannot work, refused in one line before any work."""
+    if engine is Engine.tensorrt and from_onnx is not None:
+        from hita.export.trt_support import refuse_contrib_attention
+
+        refuse_contrib_attention(from_onnx, expect_manifest_sha256)  # a gqa folder: before TensorRT is needed
+    if attention is not Attention.gqa:
+        if attention is not None and engine is Engine.aoti:
+            raise ValueError("--attention applies to ONNX exports; drop it for --engine aoti")
+        return
+    if engine is not Engine.onnx:
+        raise ValueError(f"--attention gqa is an ONNX Runtime contrib op that {engine.value} cannot run; use "
+                         "--engine onnx (or --attention plain)")
+    if precision.quantized:
+        raise ValueError(f"--precision {precision.value} quantizes the plain graph; drop --attention gqa")
+    if precision is not ExportPrecision.fp32:
+        raise ValueError(f"--attention gqa exports fp32 only (ONNX Runtime's CPU GroupQueryAttention has no "
+                         f"{precision.value} kernel); drop --precision {precision.value} or use --attention plain")
+    if kv_write is not None:
+        raise ValueError(f"--attention gqa writes the cache inside GroupQueryAttention; drop --kv-write "
+                         f"{kv_write.value} (TensorScatter is for TensorRT, which needs --attention plain)")
 
 
 def _export_quantized(out, engine, precision, calibration, calibrator, from_onnx, gpt, tokenizer, gpt_preset,

@@ -23,6 +23,10 @@ Weights are stored inside each ``.onnx`` file when the model is below 2 GB (prot
 for one message); larger models (GPT-XL and up in fp32) get ONNX external data, one
 ``<graph>.onnx.data`` file next to each graph, listed and hashed in the manifest like the graphs.
 ``prefill.onnx`` and ``decode_step.onnx`` each hold their own copy of the GPT weights.
+
+``attention="gqa"`` exports the decode step for ONNX Runtime with its contrib
+``GroupQueryAttention`` (in-place, prefix-only attention) and only the output-head half a step needs
+(:mod:`~hita.export.gqa`); the default ``"plain"`` graph uses standard ONNX ops only, for every runtime.
 """
 from __future__ import annotations
 
@@ -37,9 +41,10 @@ from hita.util.log import Log, first_line, quiet
 
 from .driver import Backend, Runner, export_artifacts, validate_graph
 from .errors import ExportError, ParityError, SignatureError
+from .gqa import ATTENTIONS, GqaDecodeStepGraph, check_gqa_export, check_gqa_step, inplace_runner, translation_table
 from .graphs import SpecGraph
 from .kv_write import TENSORSCATTER_OPSET, to_tensorscatter
-from .spec import ExportSpec, GraphSignature, TensorSpec
+from .spec import DECODE_STEP, ExportSpec, GraphSignature, TensorSpec, dtype_name
 
 if TYPE_CHECKING:
     from hita.models.gpt import HitaGPT
@@ -53,6 +58,7 @@ __all__ = [
     "onnx_signature",
     "ONNX_DTYPES",
     "KV_WRITES",
+    "ATTENTIONS",
     "EXTERNAL_DATA_BYTES",
     "SignatureError",
     "ParityError",
@@ -155,18 +161,36 @@ class OnnxBackend(Backend):
         kv_write: how the decode step writes its cache: ``"scatter"`` (``ScatterElements``, any
             opset, what ONNX Runtime runs fastest) or ``"tensorscatter"`` (ONNX ``TensorScatter``,
             opset 24: TensorRT's in-place KV-cache update; see :mod:`~hita.export.kv_write`).
+        attention: the decode step's attention: ``"plain"`` (standard ONNX, any runtime) or ``"gqa"``
+            (ONNX Runtime's ``GroupQueryAttention`` writing the cache itself, plus the needed head
+            half; see :mod:`~hita.export.gqa`). ``"gqa"`` replaces ``kv_write``, which must stay
+            ``"scatter"``.
     """
 
     engine = "onnx"
 
     def __init__(self, opset: int = 18, external_data: bool | None = None, verbose: bool = False,
-                 kv_write: str = "scatter"):
+                 kv_write: str = "scatter", attention: str = "plain"):
         if not 18 <= opset <= 23:
             raise ValueError(f"opset must be in 18..23 (the dynamo exporter emits an invalid model at 17), got {opset}")
         if kv_write not in KV_WRITES:
             raise ValueError(f"kv_write must be one of {KV_WRITES}, got {kv_write!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "gqa" and kv_write != "scatter":
+            raise ValueError(f"--attention gqa writes the cache inside GroupQueryAttention; drop --kv-write {kv_write} "
+                             "(TensorScatter is for TensorRT, which needs --attention plain)")
         self.opset, self.external_data, self.verbose, self.kv_write = opset, external_data, verbose, kv_write
+        self.attention = attention
         self._wrote_external = False
+
+    def _gqa(self, spec: ExportSpec) -> bool:
+        return self.attention == "gqa" and spec.name == DECODE_STEP
+
+    def graph(self, name: str, gpt: "HitaGPT", tokenizer: "HitaTokenizer", pos128: str) -> SpecGraph:
+        if self.attention == "gqa" and name == DECODE_STEP:
+            return GqaDecodeStepGraph(gpt, pos128).eval()
+        return super().graph(name, gpt, tokenizer, pos128)
 
     def write(self, graph: SpecGraph, spec: ExportSpec, folder: Path, device: torch.device) -> dict[str, Any]:
         path = folder / spec.file_name
@@ -180,6 +204,7 @@ class OnnxBackend(Backend):
                     graph, graph.args(feed, spec), str(path), input_names=spec.input_names,
                     output_names=spec.output_names, dynamic_shapes=graph.dynamic_shapes(spec, dims),
                     opset_version=spec.opset, dynamo=True, external_data=use_ext,
+                    custom_translation_table=translation_table() if self._gqa(spec) else None,
                 )
             except Exception as e:
                 raise ExportError(
@@ -191,6 +216,8 @@ class OnnxBackend(Backend):
             "the exporter renamed or re-typed a tensor; report it",
         )
         self._wrote_external |= use_ext
+        if self._gqa(spec):
+            return {"opset": spec.opset, "kv_write": "gqa", "attention": "gqa"}
         if spec.name == "decode_step" and self.kv_write == "tensorscatter":
             to_tensorscatter(path, (len(spec.inputs) - 2) // 2)
             return {"opset": TENSORSCATTER_OPSET, "kv_write": "tensorscatter"}
@@ -198,6 +225,8 @@ class OnnxBackend(Backend):
 
     def load(self, path: Path, spec: ExportSpec, device: torch.device) -> Runner:
         sess = _session(path, spec)
+        if self._gqa(spec):
+            return inplace_runner(sess, spec)
 
         def run(feed: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
             outs = sess.run(None, {k: v.cpu().numpy() for k, v in feed.items()})
@@ -209,6 +238,8 @@ class OnnxBackend(Backend):
         if spec.name != "decode_step":
             return {}
         nh = gpt_cfg.n_holistic
+        if self._gqa(spec):
+            return check_gqa_step(_session(path, spec), spec, feed, [nh - 1, nh, nh + 1])
         return {"kv_inplace_verified": _check_inplace_kv(_session(path, spec), spec, feed, [nh - 1, nh, nh + 1])}
 
     def versions(self) -> dict[str, str]:
@@ -224,7 +255,8 @@ class OnnxBackend(Backend):
         return {
             "exporter": "torch.onnx.export(dynamo=True)",
             "external_data": self._wrote_external,
-            "kv_write": self.kv_write,
+            "kv_write": "gqa" if self.attention == "gqa" else self.kv_write,
+            "attention": self.attention,
             "kv_inplace_verified": bool(report.get("decode_step", {}).get("kv_inplace_verified", False)),
         }
 
@@ -265,6 +297,7 @@ def export_onnx(
     checkpoints: Mapping[str, str | Path | None] | None = None,
     kv_write: str = "scatter",
     row_positions: bool = False,
+    attention: str = "plain",
 ) -> Path:
     """Export decoder, prefill and decode-step ONNX graphs plus a manifest into ``out_dir``.
 
@@ -272,13 +305,16 @@ def export_onnx(
     stays float32. ONNX Runtime's CPU provider lacks half-precision kernels for parts of the graph,
     so validate half-precision exports on a GPU provider or pass ``validate=False``. See
     :func:`~hita.export.driver.export_artifacts` for the arguments shared by every engine;
-    ``opset``, ``external_data``, ``verbose`` and ``kv_write`` are :class:`OnnxBackend`'s;
+    ``opset``, ``external_data``, ``verbose``, ``kv_write`` and ``attention`` are :class:`OnnxBackend`'s;
     ``row_positions`` gives the decode step one position per row (see :func:`~hita.export.spec.decode_spec`).
 
     Raises:
         SignatureError, ParityError, ExportError, ArtifactError, ValueError: as the driver.
     """
-    backend = OnnxBackend(opset=opset, external_data=external_data, verbose=verbose, kv_write=kv_write)
+    backend = OnnxBackend(opset=opset, external_data=external_data, verbose=verbose, kv_write=kv_write,
+                          attention=attention)
+    if attention == "gqa":
+        check_gqa_export(gpt.cfg, dtype_name(dtype))
     return export_artifacts(
         backend, gpt, tokenizer, out_dir, device="cpu", pos128=pos128, dtype=dtype, validate=validate,
         progress=progress, max_batch=max_batch, checkpoints=checkpoints,

@@ -7,6 +7,10 @@ graph meant for TensorRT is checked here against the parser's support matrix, ke
 the opset range, custom domains, and the restrictions the matrix states (Q/DQ zero points 0,
 ``TensorScatter`` 4-D on axis -2, constant ``CumSum`` axis and reduction axes, sorted ``TopK``, no
 cache inputs on ``Attention``). A violation names the node, what it breaks and the fix.
+
+ONNX Runtime's ``GroupQueryAttention`` (``hita export --attention gqa``) is a contrib op TensorRT's
+parser does not know; a folder exported with it is refused by name (:func:`refuse_contrib_attention`),
+before TensorRT is even needed, with the export that works.
 """
 from __future__ import annotations
 
@@ -21,7 +25,10 @@ from .errors import ExportError
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["Violation", "support_table", "check_onnx_for_tensorrt", "tensorrt_violations"]
+__all__ = ["Violation", "support_table", "check_onnx_for_tensorrt", "tensorrt_violations", "refuse_contrib_attention"]
+
+_GQA_FIX = ("ONNX Runtime's GroupQueryAttention (an `--attention gqa` export) cannot be built by TensorRT; "
+            "export the folder with `hita export --engine onnx --attention plain` (the default) for TensorRT")
 
 TABLE = Path(__file__).with_name("data") / "tensorrt_onnx_ops.json"
 
@@ -113,6 +120,9 @@ def tensorrt_violations(model: "onnx.ModelProto", graph: str = "graph") -> list[
         def bad(rule: str) -> None:
             found.append(Violation(graph, where, op, rule))
 
+        if node.domain == "com.microsoft" and op == "GroupQueryAttention":
+            bad(_GQA_FIX)
+            continue
         if node.domain not in ("", "ai.onnx"):
             bad(f"custom domain {node.domain!r} is not parsed by TensorRT (ONNX Runtime contrib op); "
                 "export the plain-ONNX variant for TensorRT")
@@ -174,3 +184,18 @@ def check_onnx_for_tensorrt(path: str | Path) -> None:
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise ExportError(f"not buildable by TensorRT: {found[0]}{more}")
+
+
+def refuse_contrib_attention(folder: str | Path, expect_manifest_sha256: str | None = None) -> None:
+    """Raise :class:`ExportError` (one line) when the ONNX artifacts ``folder`` records
+    ``attention: gqa`` in its manifest. A folder whose manifest cannot be read is left to the
+    caller's own checks (they say why in their words)."""
+    from .errors import ArtifactError
+    from .manifest import load_manifest
+
+    try:
+        m = load_manifest(folder, verify_files=False, expect_sha256=expect_manifest_sha256)
+    except (ArtifactError, OSError, ValueError):
+        return
+    if m.options.get("attention") == "gqa":
+        raise ExportError(f"{folder}: {_GQA_FIX}")

@@ -19,6 +19,13 @@ passes through numpy. Two cache strategies:
 ``"auto"`` (default) picks ``"inplace"`` only where it was verified (CPU provider and the manifest
 flag), else ``"pingpong"``.
 
+A folder exported with ``--attention gqa`` (:mod:`hita.export.gqa`) has the same graph I/O: its decode
+step derives GroupQueryAttention's ``seqlens_k`` / ``total_sequence_length`` from ``position`` inside
+the graph, so it is fed and bound exactly like the plain one. In place, the op writes the new slot
+into the bound cache and reads only the filled prefix; ping-pong also works (the op copies the
+prefix into the other set, later slots stay zero and are never read). It is exported float32 for
+ONNX Runtime's CPU kernel and validated there only, so its default provider is the CPU one.
+
 Logits come back as a torch tensor that shares memory with the bound output ``OrtValue`` (DLPack,
 zero-copy on CPU and CUDA, any dtype including bfloat16). It is overwritten by the next call, so a
 caller that keeps logits across steps must copy them (the shared loop consumes them at once).
@@ -146,7 +153,10 @@ class OrtExecutor(StepExecutor):
         if threads is not None:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
-        providers = list(providers) if providers is not None else _default_providers(ort)
+        self.attention = str(self.manifest.options.get("attention", "plain"))
+        if providers is None:  # a gqa step is made and validated for the CPU kernel
+            providers = ["CPUExecutionProvider"] if self.attention == "gqa" else _default_providers(ort)
+        providers = list(providers)
         self._sessions = {g: self._open(g, so, providers) for g in (DECODER, PREFILL, DECODE_STEP)}
         check_unchanged(self.artifacts_dir, fingerprints)
         self.providers = self._sessions[DECODE_STEP].get_providers()

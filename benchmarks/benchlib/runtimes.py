@@ -2,6 +2,10 @@
 the checkpoints (eager) or over artifacts written by the export driver (``export_onnx`` /
 ``export_aoti``), and the C++ host through ``hita.jobs.build_cpp`` (:mod:`.host`).
 
+``onnxruntime-gqa`` is ONNX Runtime over the ``--attention gqa`` export (GroupQueryAttention over the
+filled cache prefix, in place, and only the needed head half; ``hita.export.gqa``), in its own folder,
+beside ``onnxruntime`` over the plain graph.
+
 A runtime that cannot run here (missing package, failed import, export, build or load) becomes
 :class:`Unavailable` with a one-line reason; the benchmark shows that as a table row and carries on.
 """
@@ -17,9 +21,11 @@ from hita.util.log import Log, first_line
 
 from .models import Checkpoints
 
-RUNTIMES = ("torch", "onnxruntime", "aoti", "cpp")
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-gqa", "aoti", "cpp")
 EAGER = "torch"  # the reference every ratio is taken against
-ENGINE = {"onnxruntime": "onnx", "aoti": "aoti"}  # runtime -> the export engine it runs
+# runtime -> (export engine, ONNX attention variant or None, the factory's runtime name)
+EXPORTS = {"onnxruntime": ("onnx", "plain", "onnxruntime"), "onnxruntime-gqa": ("onnx", "gqa", "onnxruntime"),
+           "aoti": ("aoti", None, "aoti")}
 
 
 class Unavailable(Exception):
@@ -57,10 +63,10 @@ class Context:
     log: Log
 
 
-def reusable(folder: Path, engine: str, ctx: Context) -> bool:
+def reusable(folder: Path, engine: str, ctx: Context, attention: str | None = None) -> bool:
     """Whether ``folder`` holds a verified ``engine`` export (``load_manifest``) of exactly these
     checkpoints (the sha256 the manifest records), made by this torch, fp32 on the CPU with the
-    default position rule, for at least ``max_rows`` rows."""
+    default position rule, for at least ``max_rows`` rows (ONNX: with this ``attention`` variant)."""
     import torch
 
     from hita.export.errors import ArtifactError
@@ -72,28 +78,34 @@ def reusable(folder: Path, engine: str, ctx: Context) -> bool:
         return False
     made = (m.checkpoints, m.versions.get("torch"), m.precision, m.device, m.pos128)
     return (made == (ctx.checkpoints.sha256, torch.__version__, "float32", "cpu", "reference")
-            and m.options.get("max_batch", 0) >= ctx.max_rows)
+            and m.options.get("max_batch", 0) >= ctx.max_rows
+            and (attention is None or m.options.get("attention", "plain") == attention))
 
 
-def exported(ctx: Context, engine: str) -> Path:
-    """``workdir/<engine>-<preset>-seed<seed>``: reused while :func:`reusable`, else written there by
-    the export driver from the checkpoints, as ``hita export`` does."""
+def exported(ctx: Context, engine: str, attention: str | None = None) -> Path:
+    """``workdir/<engine>-<preset>-seed<seed>`` (``onnx-gqa-...`` for the gqa variant): reused while
+    :func:`reusable`, else written there by the export driver from the checkpoints, as ``hita export``
+    does."""
     from hita.checkpoint import load_gpt, load_tokenizer
 
-    out = ctx.workdir / f"{engine}-{ctx.checkpoints.gpt_cfg.name}-seed{ctx.seed}"
-    if reusable(out, engine, ctx):
+    variant = f"{engine}-gqa" if attention == "gqa" else engine
+    out = ctx.workdir / f"{variant}-{ctx.checkpoints.gpt_cfg.name}-seed{ctx.seed}"
+    if reusable(out, engine, ctx, attention):
         ctx.log(f"{engine}: reusing the export in {out}")
         return out
+    extra: dict[str, Any] = {}
     if engine == "onnx":
         from hita.export.onnx import export_onnx as export
+
+        extra["attention"] = attention or "plain"
     else:
         from hita.export.aoti import export_aoti as export
     t0 = time.perf_counter()
     ck = ctx.checkpoints
-    attempt(f"{engine} export failed", lambda: export(
+    attempt(f"{variant} export failed", lambda: export(
         load_gpt(ck.gpt), load_tokenizer(ck.tokenizer), out, checkpoints=ck.sources,
-        max_batch=max(16, ctx.max_rows), progress=lambda s: ctx.log(f"{engine}: {s}")))
-    ctx.log(f"{engine}: exported in {time.perf_counter() - t0:.0f} s to {out}")
+        max_batch=max(16, ctx.max_rows), progress=lambda s: ctx.log(f"{variant}: {s}"), **extra))
+    ctx.log(f"{variant}: exported in {time.perf_counter() - t0:.0f} s to {out}")
     return out
 
 
@@ -112,8 +124,9 @@ def build(name: str, ctx: Context) -> Any:
     if name == EAGER:
         ck = ctx.checkpoints
         return attempt("load failed", lambda: make_executor(name, gpt=ck.gpt, tokenizer=ck.tokenizer))
-    folder = exported(ctx, ENGINE[name])
-    return attempt("load failed", lambda: make_executor(name, artifacts=folder))
+    engine, attention, runtime = EXPORTS[name]
+    folder = exported(ctx, engine, attention)
+    return attempt("load failed", lambda: make_executor(runtime, artifacts=folder))
 
 
 def build_all(names: list[str], ctx: Context) -> tuple[dict[str, Any], dict[str, str]]:
