@@ -239,7 +239,8 @@ def export_repository(
 
     gpt_path, tok_path, _ = resolve_checkpoints(gpt, tokenizer)
     with staging_dir(out) as work:
-        art = serving_onnx(work / "artifacts", gpt_path, tok_path, max_batch=max(16, max_rows), log=log)
+        art = serving_onnx(work / "artifacts", gpt_path, tok_path, max_batch=max(16, max_rows),
+                           attention="plain" if device.startswith("cuda") else "gqa", log=log)
         settings = replace(base, runtime="onnxruntime", artifacts=str(art))
         write_repository(out, settings, standalone=True)
     return replace(settings, artifacts="artifacts")

@@ -56,7 +56,9 @@ def resolve_settings(settings: ServingSettings, gpt: Path | None, tokenizer: Pat
             return replace(settings, gpt=str(Path(gpt).resolve()), tokenizer=str(Path(tokenizer).resolve()))
         from .artifacts import serving_onnx
 
-        art = serving_onnx(workdir / "artifacts-onnx", gpt, tokenizer, max_batch=max(16, settings.max_rows), log=log)
+        attention = "plain" if settings.device.startswith("cuda") else "gqa"
+        art = serving_onnx(workdir / f"artifacts-onnx-{attention}", gpt, tokenizer, max_batch=max(16, settings.max_rows),
+                           attention=attention, log=log)
         return replace(settings, artifacts=str(art.resolve()))
     if gpt is not None or tokenizer is not None:
         raise ValueError(f"--runtime {settings.runtime} serves --artifacts; --gpt/--tokenizer are for the torch "

@@ -119,8 +119,8 @@ def test_decode_refuses_positions_out_of_range_or_of_the_wrong_shape(models):
 
 
 def test_the_driver_validates_rows_at_different_positions_and_the_check_can_fail(rows_onnx):
-    """The export driver's check of a per-row graph runs rows at different positions in one call;
-    against eager with the other position-128 rule, the same check fails."""
+    """The export driver's check of a per-row graph (the serving export) runs rows at different
+    positions in one call; against eager with the other position-128 rule, the same check fails."""
     from hita.checkpoint import load_gpt
     from hita.export.driver import validate_graph
     from hita.export.errors import ParityError
@@ -128,11 +128,13 @@ def test_the_driver_validates_rows_at_different_positions_and_the_check_can_fail
     from hita.export.onnx import OnnxBackend
     from hita.export.spec import DECODE_STEP, decode_spec
 
+    from hita.export.manifest import load_manifest
+
     path, gpt_file, _ = rows_onnx
     gpt = load_gpt(gpt_file).eval()
     spec = decode_spec(gpt.cfg, row_positions=True)
     cpu = torch.device("cpu")
-    backend = OnnxBackend()
+    backend = OnnxBackend(attention=load_manifest(path).options["attention"])   # the server's: gqa on the CPU
     runner = backend.load(path / backend.spec(spec).file_name, backend.spec(spec), cpu)
     report, _ = validate_graph(runner, spec.file_name, build_graph(DECODE_STEP, gpt, None, "reference"), spec,
                                gpt.cfg, cpu)
