@@ -37,17 +37,12 @@ def probe_positions(seq_len: int, count: int) -> list[int]:
 
 
 def _cache_views(executor: StepExecutor) -> list[torch.Tensor]:
-    """The executor's KV cache as ``[k0, v0, k1, v1, ...]``, each ``[B, H, S, hd]``.
-
-    ``OrtExecutor`` exposes ``kv_cache()``; ``TorchExecutor`` keeps its cache in ``_k`` / ``_v``
-    (no public accessor yet), read here without changing it.
-    """
-    if hasattr(executor, "kv_cache"):
-        return list(executor.kv_cache())
-    k, v = getattr(executor, "_k", None), getattr(executor, "_v", None)
-    if k is None or v is None:
+    """The executor's KV cache as ``[k0, v0, k1, v1, ...]``, each ``[B, H, S, hd]``, through its
+    public ``kv_cache()`` (``TorchExecutor`` and ``OrtExecutor`` both have one, same order)."""
+    read = getattr(executor, "kv_cache", None)
+    if read is None:
         raise TypeError(f"{executor.name}: cannot read its KV cache; collect with the eager executor")
-    return [t for pair in zip(k, v) for t in pair]
+    return list(read())
 
 
 class RecordingExecutor(StepExecutor):

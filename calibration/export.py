@@ -213,6 +213,7 @@ def export_quantized(
     calibrator: str | None = None,
     checkpoints: Mapping[str, str | os.PathLike | None] | None = None,
     max_feeds: int = MAX_FEEDS,
+    kv_cache: str | None = None,
     progress: bool | Log = True,
     **onnx_kwargs: Any,
 ) -> Path:
@@ -227,6 +228,9 @@ def export_quantized(
             given, to check the quantized graphs on real feeds).
         calibrator: activation calibrator (static recipes; default the recipe's).
         max_feeds: decode-step feeds given to the calibrator.
+        kv_cache: ``"int8"`` / ``"fp8"`` asks for a quantized KV cache; refused in one line
+            (:func:`~hita.calibration.recipes.kv_cache_refusal` says what the runtimes lack). The cache
+            of every recipe stays float32.
         progress: progress lines to stderr, or a callable taking each line.
         onnx_kwargs: passed to :func:`hita.export.onnx.export_onnx` (``opset``, ``pos128``, ...).
     Returns:
@@ -237,6 +241,10 @@ def export_quantized(
             that fails its checks.
     """
     rec = get_recipe(precision)
+    if kv_cache is not None:
+        from .recipes import kv_cache_refusal
+
+        raise ValueError(kv_cache_refusal(kv_cache))
     calibrator = rec.check_calibrator(calibrator)
     log = logger(progress)
     if (from_onnx is None) == (gpt is None or tokenizer is None):
@@ -272,6 +280,12 @@ def export_quantized(
                 what = base.options.get("quantization", {}).get("recipe", base.precision)
                 raise ValueError(f"{src}: is already a {what} export; quantize an fp32 ONNX folder "
                                  "(`hita export --engine onnx --precision fp32`)")
+            if base.options.get("attention", "plain") != "plain":
+                # Its decode step attends in a contrib op and picks the head half in an ``If``
+                # subgraph, which the quantizers do not reach; Q/DQ recipes are for TensorRT, which
+                # parses no contrib op.
+                raise ValueError(f"{src}: an `--attention {base.options['attention']}` export; quantize a plain "
+                                 "fp32 ONNX folder (`hita export --engine onnx --attention plain`)")
         else:
             from hita.export.onnx import export_onnx
 

@@ -20,14 +20,56 @@ of the prefill and decode step; for static recipes also the decoder's linear lay
 ``int8`` its convolutions. Attention over the KV cache, norms, RoPE and the cache itself stay
 float32 (:mod:`~hita.calibration.graph_passes` says why), so the cache binding and the manifest's
 I/O signatures do not change and the runtimes load the folders unchanged.
+
+Where a folder runs is declared here too, once: each recipe lists the engines that can run it
+(:class:`Support`: minimum GPU compute capability, minimum library version, and why), and
+:func:`engine_refusal` / :func:`check_engine` turn that into one line with the cause and the fix.
+The TensorRT builder (``hita export --engine tensorrt --from-onnx``) and the runtime factory call
+:func:`check_engine` before any work, so an FP8 folder is refused on a GPU below SM 8.9 and a
+weight-only folder never reaches TensorRT's parser.
+
+``--kv-cache int8|fp8`` (a quantized KV cache) is refused by :func:`kv_cache_refusal`; its docstring
+says what is missing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from hita.runtimes.parity import ParityThresholds
 
-__all__ = ["Recipe", "RECIPES", "recipe", "MIN_IMAGES"]
+__all__ = ["Recipe", "RECIPES", "recipe", "MIN_IMAGES", "Support", "ENGINES", "RecipeRefused", "engine_refusal",
+           "check_engine", "KV_CACHE_CHOICES", "kv_cache_refusal", "CLASS_ACCURACY_POINTS", "version_tuple"]
+
+# Where a quantized ONNX folder can be handed: ONNX Runtime's CPU or CUDA provider, or the TensorRT
+# builder (``hita export --engine tensorrt --from-onnx``).
+ENGINES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+
+# The issue's target: quantized free-run images keep their class, i.e. the classifier accuracy of a
+# recipe's images is within this many percentage points of fp32's (same seeds, same classes).
+CLASS_ACCURACY_POINTS = 2.0
+
+
+class RecipeRefused(ValueError):
+    """A quantized folder handed to an engine that cannot run its recipe (one line: cause and fix).
+    A ``ValueError``, so the CLI prints it and exits 2."""
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one engine needs to run a recipe's folder.
+
+    Fields:
+        min_compute_capability: the GPU's ``(major, minor)`` at least (``None``: any GPU the engine
+            itself supports).
+        min_version: the engine library's ``(major, minor)`` at least (``None``: any the project allows).
+        why: what the requirement comes from (said in the refusal).
+    """
+
+    min_compute_capability: tuple[int, int] | None = None
+    min_version: tuple[int, int] | None = None
+    why: str = ""
 
 # Images a calibration set must hold per calibrator. MinMax keeps the extreme value of each tensor,
 # which a few sequences already pin (every decode position of every row is a sample). Histogram
@@ -58,6 +100,11 @@ class Recipe:
         tensorrt: whether the result is meant for TensorRT (checked against its ONNX support matrix).
         runtime_note: what runs the folder, recorded in the manifest.
         thresholds: parity thresholds against fp32 eager (see :data:`RECIPES` for the figures).
+        engines: ``(engine, Support)`` pairs: the engines of :data:`ENGINES` that run the folder and
+            what each needs. An engine not listed cannot run it; ``unsupported`` says why.
+        unsupported: why the engines that are not listed cannot run it, and the fix.
+        class_accuracy_points: the most the classifier accuracy of free-run images may move from
+            fp32's, in percentage points (judged by ``hita calibrate --report`` over enough images).
     """
 
     name: str
@@ -75,6 +122,15 @@ class Recipe:
     tensorrt: bool = True
     runtime_note: str = ""
     thresholds: ParityThresholds = field(default_factory=ParityThresholds)
+    engines: tuple[tuple[str, Support], ...] = ()
+    unsupported: str = ""
+    class_accuracy_points: float = CLASS_ACCURACY_POINTS
+
+    def support(self, engine: str) -> Support | None:
+        """What ``engine`` needs to run this recipe's folders; ``None`` when it cannot run them."""
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
+        return dict(self.engines).get(engine)
 
     @property
     def needs_calibration(self) -> bool:
@@ -112,6 +168,17 @@ class Recipe:
 _GPT = ("prefill", "decode_step")
 _ALL = ("decoder", "prefill", "decode_step")
 
+# Where each recipe runs. Sources: ONNX Runtime's kernel registrations (CPU: listed by
+# onnxruntime.capi's get_all_opkernel_def() in 1.32; CUDA: contrib_ops/cuda/cuda_contrib_kernels.cc
+# and core/providers/cuda/tensor/quantize_linear.cc): MatMulNBits has CPU and CUDA kernels for float
+# inputs, 4-bit since it was added (1.17) and 8-bit on CUDA from 1.22 (microsoft/onnxruntime#24509);
+# QuantizeLinear/DequantizeLinear run int8 (per tensor and per axis) and float8 E4M3 on both. The
+# CUDA provider runs Q/DQ graphs as dequantize + float matmul (correct, not faster); only TensorRT
+# fuses them into int8/fp8 kernels, and TensorRT builds FP8 only on GPUs with FP8 tensor cores.
+_NO_TENSORRT = ("MatMulNBits is an ONNX Runtime contrib op (com.microsoft) that no TensorRT version parses; run the "
+                "folder with --runtime onnxruntime, or export --precision int8 (or fp8) for TensorRT")
+_ORT = (("onnxruntime-cpu", Support()), ("onnxruntime-cuda", Support()))
+
 RECIPES: dict[str, Recipe] = {
     "int8-weight": Recipe(
         name="int8-weight", method="weight-only", dtype="int8", bits=8, graphs=_GPT, block_size=32,
@@ -120,6 +187,10 @@ RECIPES: dict[str, Recipe] = {
                      "TensorRT cannot parse; export --precision int8 for TensorRT",
         thresholds=ParityThresholds(max_logit_diff=None, min_token_agreement=0.0, min_psnr_db=60.0,
                                     max_mean_kl=2e-3, min_top1_agreement=0.90),
+        engines=(("onnxruntime-cpu", Support()),
+                 ("onnxruntime-cuda", Support(min_version=(1, 22), why="8-bit MatMulNBits has a CUDA kernel from "
+                                                                        "onnxruntime-gpu 1.22 on"))),
+        unsupported=_NO_TENSORRT,
     ),
     "int4-weight": Recipe(
         name="int4-weight", method="weight-only", dtype="int4", bits=4, graphs=_GPT, block_size=32,
@@ -128,6 +199,7 @@ RECIPES: dict[str, Recipe] = {
                      "TensorRT cannot parse",
         thresholds=ParityThresholds(max_logit_diff=None, min_token_agreement=0.0, min_psnr_db=60.0,
                                     max_mean_kl=3e-2, min_top1_agreement=0.88),
+        engines=_ORT, unsupported=_NO_TENSORRT,
     ),
     "int8": Recipe(
         name="int8", method="qdq", dtype="int8", bits=8, graphs=_ALL, calibrator="minmax",
@@ -137,6 +209,7 @@ RECIPES: dict[str, Recipe] = {
                      "weights every step (slower than fp32; use int8-weight for CPU speed)",
         thresholds=ParityThresholds(max_logit_diff=None, min_token_agreement=0.0, min_psnr_db=30.0,
                                     max_mean_kl=3e-2, min_top1_agreement=0.88),
+        engines=(*_ORT, ("tensorrt", Support())),
     ),
     "fp8": Recipe(
         name="fp8", method="qdq", dtype="float8e4m3fn", bits=8, graphs=_ALL, calibrator="max",
@@ -145,6 +218,9 @@ RECIPES: dict[str, Recipe] = {
                      "simulation (Q/DQ in float, no FP8 matmul), slower than fp32",
         thresholds=ParityThresholds(max_logit_diff=None, min_token_agreement=0.0, min_psnr_db=30.0,
                                     max_mean_kl=1e-1, min_top1_agreement=0.70),
+        engines=(*_ORT, ("tensorrt", Support(
+            min_compute_capability=(8, 9),
+            why="TensorRT builds FP8 Q/DQ only on GPUs with FP8 tensor cores (Ada SM 8.9, Hopper SM 9.0 and newer)"))),
     ),
 }
 
@@ -159,3 +235,152 @@ def recipe(name: str) -> Recipe:
         raise ValueError(f"unknown quantization recipe {name!r}; use one of {', '.join(RECIPES)}")
     return RECIPES[name]
 
+
+# ----------------------------------------------------------------------------------------------
+# Which engine may run which folder
+# ----------------------------------------------------------------------------------------------
+
+
+def _value(x: Any) -> Any:
+    return x() if callable(x) else x
+
+
+def _dotted(v: tuple[int, ...]) -> str:
+    return ".".join(str(i) for i in v)
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string: ``"1.21.1"`` -> ``(1, 21)``, ``"1.22.0.dev20250401"`` -> ``(1, 22)``.
+
+    Raises:
+        ValueError: no ``major.minor`` at its start.
+    """
+    import re
+
+    m = re.match(r"\s*(\d+)\.(\d+)", str(version))
+    if m is None:
+        raise ValueError(f"not a version: {version!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def engine_refusal(
+    recipe_name: str,
+    engine: str,
+    *,
+    compute_capability: "tuple[int, int] | Callable[[], tuple[int, int]] | None" = None,
+    version: "str | tuple[int, int] | Callable[[], str] | None" = None,
+) -> str | None:
+    """Why ``engine`` cannot run a ``recipe_name`` folder, as one line with the fix; ``None`` if it can.
+
+    The decision reads only the recipe's declaration (:attr:`Recipe.engines`) and the values given,
+    so it is testable with made-up GPUs. ``compute_capability`` and ``version`` may be callables:
+    they are asked only when the recipe has a requirement on them (an int4-weight folder is refused
+    for TensorRT without touching a GPU).
+
+    Args:
+        recipe_name: a key of :data:`RECIPES`.
+        engine: one of :data:`ENGINES`.
+        compute_capability: the GPU's ``(major, minor)``, or a callable returning it.
+        version: the engine library's version (``"1.21.1"`` or ``(1, 21)``), or a callable returning it.
+    Raises:
+        ValueError: unknown recipe or engine; a requirement whose value was not given.
+    """
+    rec = recipe(recipe_name)
+    need = rec.support(engine)
+    if need is None:
+        return f"{engine} cannot run {rec.name} folders: {rec.unsupported}"
+    if need.min_compute_capability is not None:
+        cc = _value(compute_capability)
+        if cc is None:
+            raise ValueError(f"{rec.name} on {engine} needs the GPU's compute capability to decide")
+        cc = (int(cc[0]), int(cc[1]))
+        if cc < need.min_compute_capability:
+            low = _dotted(need.min_compute_capability)
+            return (f"{engine} cannot build {rec.name} folders on this GPU (compute capability {_dotted(cc)}): "
+                    f"{need.why}; build on an SM {low}+ GPU, or export --precision int8 for this one")
+    if need.min_version is not None:
+        v = _value(version)
+        if v is None:
+            raise ValueError(f"{rec.name} on {engine} needs the engine's version to decide")
+        have = v if isinstance(v, tuple) else version_tuple(v)
+        if have < need.min_version:
+            low = _dotted(need.min_version)
+            package = "onnxruntime-gpu" if engine == "onnxruntime-cuda" else engine
+            return (f"{engine} {_dotted(have)} cannot run {rec.name} folders: {need.why}; upgrade it "
+                    f"(pip install -U '{package}>={low}')")
+    return None
+
+
+def check_engine(
+    options: Mapping[str, Any],
+    engine: str,
+    *,
+    folder: Any = None,
+    compute_capability: "tuple[int, int] | Callable[[], tuple[int, int]] | None" = None,
+    version: "str | tuple[int, int] | Callable[[], str] | None" = None,
+) -> None:
+    """Refuse an artifacts folder whose quantization recipe ``engine`` cannot run.
+
+    Args:
+        options: the folder manifest's ``options`` (a folder without ``quantization`` is fp32 and
+            passes: its engine checks are the exporter's).
+        engine, compute_capability, version: as :func:`engine_refusal`.
+        folder: the folder, named in the message.
+    Raises:
+        RecipeRefused: one line with the cause and the fix.
+    """
+    quant = options.get("quantization")
+    if not quant:
+        return
+    why = engine_refusal(str(quant.get("recipe")), engine, compute_capability=compute_capability, version=version)
+    if why is not None:
+        raise RecipeRefused(f"{folder}: {why}" if folder is not None else why)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized KV cache
+# ----------------------------------------------------------------------------------------------
+
+KV_CACHE_CHOICES = ("int8", "fp8")
+
+
+def kv_cache_refusal(kv_cache: str) -> str:
+    """Why ``--kv-cache int8|fp8`` is refused, as one line.
+
+    What was looked for (onnxruntime 1.32, the version CI installs), and what is missing:
+
+    - A quantized cache has to be *stored* small: int8 / float8 cache inputs and outputs that the
+      decode step reads through a scale. Q/DQ around the cache write of our float32 graphs would
+      round the cache but store it in float32 (a simulation, not a smaller cache: no memory saved,
+      one more op per step), so it is not offered.
+    - ONNX Runtime's CPU provider has exactly one kernel that reads a quantized cache:
+      ``com.microsoft.GroupQueryAttention`` registers ``T_CACHE`` int8/uint8 with ``k_scale`` /
+      ``v_scale`` inputs and ``k_quant_type`` per tensor or per channel (listed by
+      ``onnxruntime.capi.onnxruntime_pybind11_state.get_all_opkernel_def()``). A probe (4 heads,
+      head size 32, 40 filled slots, per-channel amax/127 scales) matched float attention to 0.9 %
+      of the output's largest magnitude. Its CPU kernel has **no float8 cache**: E4M3 caches are registered only
+      by CUDA builds with ``USE_FP8_KV_CACHE``, and that CUDA kernel takes fp16/bf16 queries, not
+      the float32 graphs hita exports.
+    - hita's graphs and runtimes carry the cache as float32 graph I/O: the manifest's signatures
+      derive the cache dtype from the export precision, :class:`~hita.runtimes.onnxrt.OrtExecutor`
+      binds float32 buffers, and the prefill writes a float32 cache. An int8 cache needs a decode
+      step whose attention is ``GroupQueryAttention`` with int8 ``T_CACHE`` and calibrated
+      per-channel scales (the calibration set's final caches give them), an int8 prefill output,
+      and int8 cache buffers in the executors. TensorRT parses no ``com.microsoft`` op, so such a
+      folder would be ONNX Runtime only.
+
+    So ``fp8`` is refused because ONNX Runtime's CPU kernels lack a float8 cache, and ``int8``
+    because hita's graphs and executors have no int8 cache I/O yet (the runtime kernel exists).
+
+    Raises:
+        ValueError: ``kv_cache`` is not one of :data:`KV_CACHE_CHOICES`.
+    """
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ValueError(f"--kv-cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {kv_cache!r}")
+    if kv_cache == "fp8":
+        return ("--kv-cache fp8 is not supported: ONNX Runtime's CPU kernels have no float8 KV cache (GroupQueryAttention "
+                "takes int8/uint8 caches on the CPU; float8 only in CUDA builds, with fp16 inputs); drop --kv-cache, "
+                "the cache stays float32")
+    return ("--kv-cache int8 is not supported yet: ONNX Runtime reads an int8 cache only inside its "
+            "com.microsoft.GroupQueryAttention op, and hita's graphs and runtimes carry the cache as float32 I/O; "
+            "drop --kv-cache, the cache stays float32")

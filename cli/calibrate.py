@@ -31,6 +31,11 @@ def calibrate(
         "--report", help="Report quantized --artifacts against fp32 eager instead.")] = False,
     artifacts: Annotated[Optional[List[Path]], typer.Option(
         "--artifacts", help="--report: a quantized ONNX folder (repeat for several recipes).")] = None,
+    per_class: Annotated[Optional[int], typer.Option(
+        min=0, help="--report: free-run images per class for the classifier accuracy (default: enough for a "
+                    "verdict, 5000 in all; fewer are reported as indicative; 0 skips it).")] = None,
+    classifier: Annotated[Optional[Path], typer.Option(
+        help="--report: classifier file judging the classes (default: the one shipped with the embedded model).")] = None,
 ) -> None:
     """Record the decode-step inputs and token grids of the generator's own sampling runs (a
     calibration set for `hita export --precision int8|fp8 --calibration SET`), or with --report
@@ -38,11 +43,13 @@ def calibrate(
     from hita.jobs.generate import parse_classes
 
     if report:
-        _report(out, gpt, tokenizer, classes, seed, cfg_scale, artifacts or [],
+        _report(out, gpt, tokenizer, classes, seed, cfg_scale, artifacts or [], per_class, classifier,
                 dict(images=images, batch_images=batch_images, max_mib=max_mib))
         return
-    if artifacts:
-        raise ValueError("--artifacts is for --report; to collect a set give --gpt/--tokenizer (or neither)")
+    for flag, given in (("--artifacts", artifacts), ("--per-class", per_class is not None),
+                        ("--classifier", classifier is not None)):
+        if given:
+            raise ValueError(f"{flag} is for --report; to collect a set give --gpt/--tokenizer (or neither)")
     from hita.calibration.collect import collect
     from hita.calibration.dataset import check_writable
     from hita.calibration.options import MiB, CollectOptions
@@ -65,7 +72,7 @@ def calibrate(
     typer.echo(f"wrote {path} ({path.stat().st_size / MiB:.1f} MiB; {options.images} images, {options.name} preset)")
 
 
-def _report(out, gpt, tokenizer, classes, seed, cfg_scale, artifacts, collect_only) -> None:
+def _report(out, gpt, tokenizer, classes, seed, cfg_scale, artifacts, per_class, classifier, collect_only) -> None:
     from hita.calibration.report import accuracy_report
     from hita.export.manifest import load_manifest
     from hita.jobs.generate import check_output_dir, parse_classes
@@ -79,7 +86,8 @@ def _report(out, gpt, tokenizer, classes, seed, cfg_scale, artifacts, collect_on
     num_classes = load_manifest(artifacts[0], verify_files=False).gpt_cfg.num_classes
     ids = parse_classes(classes, num_classes) if classes is not None else list(range(min(num_classes, 8)))
     result = accuracy_report(artifacts, out, ids, gpt=gpt, tokenizer=tokenizer, seed=0 if seed is None else seed,
-                             cfg_scale=1.5 if cfg_scale is None else cfg_scale, progress=True)
+                             cfg_scale=1.5 if cfg_scale is None else cfg_scale, per_class=per_class,
+                             classifier=classifier, progress=True)
     typer.echo((out / "report.md").read_text().rstrip())
     typer.echo(f"report: {out / 'report.json'}, grid: {out / 'grid.png'}")
     failed = [r["recipe"] for r in result["results"] if not r["ok"]]

@@ -30,6 +30,11 @@ class Engine(str, Enum):
     triton = "triton"  # a Triton model repository (hita.serving) around an ONNX export or --from-artifacts
 
 
+class KvCache(str, Enum):
+    int8 = "int8"
+    fp8 = "fp8"
+
+
 class HardwareCompat(str, Enum):
     none = "none"
     ampere = "ampere+"
@@ -108,6 +113,9 @@ def export(
     row_positions: Annotated[bool, typer.Option(
         "--row-positions", help="Decode step takes one position per row (position [batch]): what `hita serve` "
                                 "needs to batch requests in flight. The C++ host feeds one position.")] = False,
+    kv_cache: Annotated[Optional[KvCache], typer.Option(
+        help="Quantized KV cache (int8 or fp8): refused with what the runtimes lack (see README, Quantized exports).")
+    ] = None,
     from_artifacts: Annotated[Optional[Path], typer.Option(
         help="triton: serve this exported folder (onnx, aoti or tensorrt) instead of exporting ONNX now.")] = None,
 ) -> None:
@@ -119,6 +127,10 @@ def export(
 
     if engine is Engine.trt:
         engine = Engine.tensorrt
+    if kv_cache is not None:
+        from hita.calibration.recipes import kv_cache_refusal
+
+        raise ValueError(kv_cache_refusal(kv_cache.value))
     if from_artifacts is not None and engine is not Engine.triton:
         raise ValueError("--from-artifacts puts an exported folder into a Triton repository; use it with --engine triton")
     if engine is Engine.triton:

@@ -294,6 +294,12 @@ def build_from_onnx(onnx_dir: str | Path, out_dir: str | Path, *, options: Tenso
     check_output_folder(out)
     log = logger(progress)
     onnx_manifest = load_manifest(src, expect_engine="onnx", expect_sha256=expect_manifest_sha256)
+    from hita.calibration.recipes import check_engine
+
+    # A quantized folder TensorRT cannot run (weight-only: no parser support; FP8 below SM 8.9) is
+    # refused here, before any build; the GPU is asked only when the recipe has a requirement on it.
+    check_engine(onnx_manifest.options, "tensorrt", folder=src,
+                 compute_capability=lambda: gpu_facts().compute_capability)
     if options.kv_write == "tensorscatter" and onnx_manifest.options.get("kv_write") != "tensorscatter":
         log("note: this ONNX decode step copies its cache (ScatterElements); export with --kv-write tensorscatter "
             "for TensorRT's in-place cache")

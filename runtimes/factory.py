@@ -72,6 +72,7 @@ def make_executor(
     if runtime is Runtime.onnxruntime:
         from hita.runtimes.onnxrt import OrtExecutor
 
+        check_quantized_on_onnxruntime(artifacts, expect_manifest_sha256)
         return OrtExecutor(artifacts, expect_manifest_sha256=expect_manifest_sha256)
     if runtime is Runtime.aoti:
         from hita.runtimes.aoti import AotiExecutor
@@ -80,6 +81,26 @@ def make_executor(
     from hita.runtimes.tensorrt import TensorRTExecutor
 
     return TensorRTExecutor(artifacts, device=device, expect_manifest_sha256=expect_manifest_sha256)
+
+
+def check_quantized_on_onnxruntime(artifacts: str | Path, expect_manifest_sha256: str | None = None) -> None:
+    """Refuse, before any session loads, a quantized folder that the ONNX Runtime provider the
+    executor will pick (CUDA when the installed onnxruntime has it, else CPU) cannot run; the rule is
+    the recipe's (:func:`hita.calibration.recipes.check_engine`). Unquantized folders pass unread
+    beyond the manifest.
+
+    Raises:
+        RecipeRefused: one line: the recipe, the provider, what it lacks and the fix.
+    """
+    import onnxruntime as ort
+
+    from hita.calibration.recipes import check_engine
+    from hita.export.manifest import load_manifest
+
+    m = load_manifest(artifacts, verify_files=False, expect_sha256=expect_manifest_sha256)
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    check_engine(m.options, "onnxruntime-cuda" if cuda else "onnxruntime-cpu", folder=artifacts,
+                 version=ort.__version__)
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -137,6 +137,21 @@ class TorchExecutor(StepExecutor):
             )
         return logits                                                          # [B, V]
 
+    def kv_cache(self) -> list[torch.Tensor]:
+        """The live KV cache as ``[k0, v0, k1, v1, ...]``, each ``[B, H, S, hd]`` in the GPT dtype.
+
+        The same order and layout as :meth:`OrtExecutor.kv_cache`, so a caller that records what the
+        decode step saw (calibration) reads either executor one way. The tensors are the executor's
+        own buffers, returned read-only in spirit: the next :meth:`decode` overwrites them in place
+        and :meth:`start` replaces them, so copy what you keep, and never write into them.
+
+        Raises:
+            RuntimeError: before :meth:`start`.
+        """
+        if self._k is None or self._v is None:
+            raise RuntimeError(f"{self.name}: no KV cache yet; call start(batch) first")
+        return [t for pair in zip(self._k, self._v) for t in pair]
+
     # -- in-flight batching -------------------------------------------------------------------
 
     def keep_rows(self, rows: torch.Tensor) -> None:

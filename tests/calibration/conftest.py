@@ -55,3 +55,8 @@ def int8w_dir(tmp_path_factory, onnx_dir, tiny_set):
 @pytest.fixture(scope="session")
 def int8_dir(tmp_path_factory, onnx_dir, tiny_set):
     return _quantized(tmp_path_factory, onnx_dir, tiny_set, "int8")
+
+
+@pytest.fixture(scope="session")
+def fp8_dir(tmp_path_factory, onnx_dir, tiny_set):
+    return _quantized(tmp_path_factory, onnx_dir, tiny_set, "fp8")

@@ -75,14 +75,19 @@ def test_parity_uses_the_recipe_thresholds(int8w_dir, tiny_ckpts, tmp_path):
 def test_report_writes_json_table_and_grid(int8w_dir, int8_dir, tiny_ckpts, tmp_path):
     out = tmp_path / "report"
     res = runner.invoke(app, ["calibrate", "--report", "--artifacts", str(int8w_dir), "--artifacts", str(int8_dir),
-                              *_ckpt_args(tiny_ckpts), "--classes", "0,4", "--out", str(out)])
+                              *_ckpt_args(tiny_ckpts), "--classes", "0,4", "--per-class", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     data = json.loads((out / "report.json").read_text())
     assert [r["recipe"] for r in data["results"]] == ["int8-weight", "int8"]
     for r in data["results"]:
         p = r["parity"]
         assert r["ok"] and 0 <= p["mean_kl"] <= r["thresholds"]["max_mean_kl"] and p["steps"] == 80
-    assert "| int8-weight | - |" in (out / "report.md").read_text()
+        assert r["class_accuracy"]["quantized"]["images"] == 10 and r["class_accuracy"]["judged"] is False
+    table = (out / "report.md").read_text()
+    assert "| int8-weight | - |" in table and "indicative" in table and "Class accuracy: 10 free-run images" in table
+    # --per-class belongs to --report: refused in one line when collecting.
+    res = runner.invoke(app, ["calibrate", "--per-class", "3", "--out", str(tmp_path / "set.safetensors")])
+    assert res.exit_code == 2 and "--per-class is for --report" in _one_error_line(res)
     from PIL import Image
 
     with Image.open(out / "grid.png") as grid:   # 2 images x (fp32 + 2 recipes), cells upscaled to 96 px

@@ -42,10 +42,33 @@ def test_decode_feed_is_the_cache_the_step_saw(tiny_set):
     for p in range(1, max(checks) + 1):
         if p in checks:
             feed = s.decode_feed(run, p, names)
-            live = [t for pair in zip(ex._k, ex._v) for t in pair]
+            live = ex.kv_cache()
             assert feed["position"].tolist() == [p]
             assert all(np.array_equal(feed[n], t.numpy()) for n, t in zip(names[2:], live)), p
         ex.decode(s.tensors["decode.tokens"][run, :, p - 1], p)
+
+
+def test_eager_cache_accessor_matches_onnx_runtime_and_is_live(onnx_dir):
+    """``TorchExecutor.kv_cache()`` gives the cache in ``OrtExecutor.kv_cache()``'s order and layout
+    (``onnx_dir`` is the export of the same ``tiny_models(0)``), and it is the live cache."""
+    from hita.runtimes.onnxrt import OrtExecutor
+
+    gpt, tok = tiny_models(0)
+    ex, ort = TorchExecutor(gpt, tok), OrtExecutor(onnx_dir, threads=1)
+    with pytest.raises(RuntimeError, match="call start"):
+        ex.kv_cache()
+    ids = torch.tensor([2, gpt.cfg.null_class])
+    for e in (ex, ort):
+        e.start(2)
+        e.prefill(ids)
+    mine, theirs = ex.kv_cache(), ort.kv_cache()
+    assert len(mine) == len(theirs) == 2 * gpt.cfg.n_layer
+    assert [tuple(t.shape) for t in mine] == [tuple(t.shape) for t in theirs]
+    # The export itself is validated against eager to 1e-4 on its outputs; the cache is one of them.
+    assert max(float((a - b.to(a.dtype)).abs().max()) for a, b in zip(mine, theirs)) < 1e-4
+    before = mine[0][:, :, 1].clone()                               # slot 1: still zero after prefill
+    ex.decode(torch.tensor([5, 5]), 1)
+    assert not torch.equal(ex.kv_cache()[0][:, :, 1], before) and not before.any()
 
 
 def test_budget_is_checked_before_sampling(tmp_path):
