@@ -300,6 +300,10 @@ def build_from_onnx(onnx_dir: str | Path, out_dir: str | Path, *, options: Tenso
     # refused here, before any build; the GPU is asked only when the recipe has a requirement on it.
     check_engine(onnx_manifest.options, "tensorrt", folder=src,
                  compute_capability=lambda: gpu_facts().compute_capability)
+    if onnx_manifest.options.get("attention") == "gqa":  # a contrib op: refused before any engine is built
+        from .trt_support import refuse_contrib_attention
+
+        refuse_contrib_attention(src, expect_manifest_sha256)
     if options.kv_write == "tensorscatter" and onnx_manifest.options.get("kv_write") != "tensorscatter":
         log("note: this ONNX decode step copies its cache (ScatterElements); export with --kv-write tensorscatter "
             "for TensorRT's in-place cache")
