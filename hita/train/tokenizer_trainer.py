@@ -7,16 +7,28 @@ from ``disc_start`` on (before it the discriminator is not run: with zero weight
 Adam (β 0.9 / 0.95, no weight decay) for both, gradient clipping, linear warm-up then a constant rate
 for the tokenizer, EMA of its weights, bf16 autocast where the device supports it, DDP under torchrun.
 
+Three options go beyond the reference; all are off by default, so every preset trains as the reference
+does unless asked (see ``HolisticRestarts`` and ``PatchDropout`` for why they exist):
+
+- ``init``: start from the weights of an existing tokenizer file (fine-tuning) instead of random ones;
+- ``restart_dead_codes = N``: every N steps, holistic codes that no image of the last N steps picked
+  are moved onto holistic vectors of the current batch (dead-code restarts);
+- ``patch_dropout = P``: each image loses a random share in [0, P] of its quantised patch features
+  before the fusion decoder, so global appearance must come through the holistic tokens.
+
 ``train_tokenizer(config)`` is the library entry point; ``tokenizer_train_config(preset, ...)`` fills in
 the recipe of a preset (the reference numbers for hita-v / hita-u, small-data numbers for tiny).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -75,6 +87,9 @@ class TokenizerTrainConfig:
     keep_last: int | None = None
     resume: bool = False
     progress: bool = True
+    init: str | None = None  # tokenizer weights to start from (fine-tuning); None: random initialisation
+    restart_dead_codes: int = 0  # every N steps, restart holistic codes unused in those N steps; 0 = off
+    patch_dropout: float = 0.0  # max share of patch features zeroed per image before the fusion decoder; 0 = off
 
 
 # Per-preset recipe defaults (over the dataclass defaults). tiny: 32×32 Fashion-MNIST-sized runs.
@@ -115,8 +130,102 @@ class _DiscPair(nn.Module):
         return self.disc(real), self.disc(fake)
 
 
+# Noise added to a batch vector before it becomes a restarted code: two dead codes restarted on the same
+# vector must not stay identical (the argmin would then never pick the second one). 0.05 on unit vectors
+# of width 12 moves a code by about 0.17 rad, far less than the spread of a batch's holistic vectors.
+RESTART_NOISE = 0.05
+HOLISTIC_CODEBOOK = "slot_quantize.embedding.weight"
+
+
+class HolisticRestarts:
+    """Dead-code restarts of the holistic codebook.
+
+    Why: with the reference recipe on small data the holistic codebook collapses (the tiny run shipped
+    before used one code per slot: 16 of 512), because only codes that win the argmin get gradient, and a
+    code that never wins never moves towards the data. Every ``every`` steps, each code that no image
+    picked in the window is replaced by the l2-normalised holistic vector of a random slot of the current
+    batch plus ``RESTART_NOISE``, so it starts where the data is. The Adam moments of restarted rows are
+    zeroed (they belong to the old position), and an EMA's rows are overwritten too (an average of the
+    old and the new position would be neither).
+
+    Usage is recorded by a forward hook on ``slot_quantize`` (training mode only), so the model's own
+    ``reconstruct`` runs unchanged. Under DDP the window's usage is summed over ranks and rank 0's batch
+    supplies the new codes, broadcast to every rank, so all replicas keep one codebook.
+    """
+
+    def __init__(self, model: nn.Module, every: int, info: DistInfo):
+        self.vq = model.slot_quantize
+        self.every, self.info = every, info
+        self.used = torch.zeros(self.vq.n_codes, dtype=torch.bool, device=self.vq.embedding.weight.device)
+        self.last: Tensor | None = None  # this step's holistic vectors, (B * Nh, eh), detached
+        self.handle = self.vq.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: tuple[Tensor, ...], output) -> None:
+        if module.training:
+            self.last = inputs[0].detach().reshape(-1, module.code_dim)
+            self.used[output.indices.flatten()] = True
+
+    @torch.no_grad()
+    def maybe_restart(self, step: int, opt: torch.optim.Optimizer, ema: EMA | None) -> dict[str, int] | None:
+        """At the end of a window: restart the dead codes; returns what it did (None between windows)."""
+        if step % self.every:
+            return None
+        used = self.used.to(torch.int32)
+        if self.info.enabled:
+            dist.all_reduce(used, op=dist.ReduceOp.SUM)
+        dead = torch.nonzero(used == 0).flatten()
+        weight = self.vq.embedding.weight
+        if len(dead) and self.last is not None:  # last is None only if no training forward ran
+            if self.info.is_main:
+                vecs = F.normalize(self.last.float(), dim=-1)
+                pick = vecs[torch.randint(len(vecs), (len(dead),), device=vecs.device)]
+                weight[dead] = F.normalize(pick + RESTART_NOISE * torch.randn_like(pick), dim=-1).to(weight.dtype)
+            if self.info.enabled:
+                dist.broadcast(weight.data, src=0)
+            state = opt.state.get(weight, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][dead] = 0
+            if ema is not None:
+                ema.shadow[HOLISTIC_CODEBOOK][dead] = weight[dead].to(ema.shadow[HOLISTIC_CODEBOOK].dtype)
+        n_used = int((used > 0).sum())
+        self.used.zero_()
+        return {"holistic_codes_used_window": n_used, "restarted": int(len(dead))}
+
+
+class PatchDropout:
+    """Random patch-code dropout before the fusion decoder.
+
+    Why: the decoder can rebuild an image from the patch codes alone, and then nothing pushes the
+    holistic tokens to carry information (the collapse described in ``HolisticRestarts``). Zeroing, per
+    image, a random share in [0, ``max_share``] of the projected patch features (``post_quant_conv``'s
+    output, i.e. what the fusion decoder reads for those cells) makes the holistic tokens the only
+    source of the missing cells' content. The share is drawn per image (uniform in [0, ``max_share``]),
+    so the decoder also keeps seeing nearly complete grids, which is what it gets at inference (where
+    nothing is dropped). Implemented as a forward hook (training mode only) so the
+    model's ``reconstruct`` is unchanged and inference never drops anything.
+    """
+
+    def __init__(self, model: nn.Module, max_share: float):
+        self.max_share = max_share
+        self.handle = model.post_quant_conv.register_forward_hook(self._drop)
+
+    def _drop(self, module: nn.Module, inputs: tuple[Tensor, ...], h: Tensor) -> Tensor | None:
+        if not module.training:
+            return None
+        b, _, gh, gw = h.shape
+        keep = 1.0 - self.max_share * torch.rand(b, 1, 1, 1, device=h.device)
+        return h * (torch.rand(b, 1, gh, gw, device=h.device) < keep).to(h.dtype)
+
+
 def _check(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig) -> str:
     common.check_common(cfg)
+    if cfg.restart_dead_codes < 0:
+        raise TrainError(f"--restart-dead-codes must be >= 0 (got {cfg.restart_dead_codes}); it is the window "
+                         "in steps between holistic dead-code restarts, 0 turns them off")
+    if not 0.0 <= cfg.patch_dropout <= 1.0:
+        raise TrainError(f"--patch-dropout must lie in [0, 1] (got {cfg.patch_dropout}); it is the largest share "
+                         "of patch codes dropped per image, 0 turns it off")
     if cfg.recon_loss not in RECON_LOSSES:
         raise TrainError(f"unknown --recon-loss {cfg.recon_loss!r}; valid: {', '.join(RECON_LOSSES)}")
     if cfg.disc not in DISCS:
@@ -150,15 +259,38 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     except ValueError as e:
         raise TrainError(str(e)) from None
     disc_kind = _check(cfg, model_cfg)
+    init = _read_init(cfg, model_cfg)
     common.set_threads(cfg.threads)
     info = init_distributed(cfg.device)
-    return _TokenizerTrainer(cfg, model_cfg, disc_kind, info).run()
+    return _TokenizerTrainer(cfg, model_cfg, disc_kind, info, init).run()
+
+
+def _read_init(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig) -> dict[str, Tensor] | None:
+    """The ``--init`` weights (checked before any run folder is touched), or None without ``--init``."""
+    if cfg.init is None:
+        return None
+    from hita.checkpoint import CheckpointError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(cfg.init, preset=None)
+    except CheckpointError as e:
+        raise TrainError(f"--init: {str(e).splitlines()[0]}") from None
+    if tok.cfg.name != model_cfg.name:
+        raise TrainError(f"--init {cfg.init} holds a tokenizer of preset {tok.cfg.name!r}, not {model_cfg.name!r}; "
+                         f"pass --preset {tok.cfg.name} or a {model_cfg.name} tokenizer")
+    if tok.cfg != model_cfg:
+        fields = [f.name for f in dataclasses.fields(model_cfg)
+                  if getattr(tok.cfg, f.name) != getattr(model_cfg, f.name)]
+        raise TrainError(f"--init {cfg.init} holds a variant of preset {model_cfg.name!r} with other "
+                         f"{', '.join(fields)}; pass a tokenizer made with the {model_cfg.name} preset itself")
+    return tok.state_dict()
 
 
 class _TokenizerTrainer(Trainer):
     kind = KIND
 
-    def __init__(self, cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, disc_kind: str, info: DistInfo):
+    def __init__(self, cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, disc_kind: str, info: DistInfo,
+                 init: dict[str, Tensor] | None = None):
         dev = info.device
         self.dtype = common.resolve_precision(cfg.precision, dev)
         self.data = open_dataset(cfg.data, limit=cfg.limit)
@@ -173,6 +305,8 @@ class _TokenizerTrainer(Trainer):
         from hita.models.tokenizer import HitaTokenizer
 
         self.model = HitaTokenizer(model_cfg)
+        if init is not None:  # a resumed run overwrites these with its checkpoint's weights below
+            self.model.load_state_dict(init, strict=True)
         if model_cfg.backbone is not None:
             self.model.load_backbone(cfg.backbone)
         self.model.to(dev).train()
@@ -186,6 +320,8 @@ class _TokenizerTrainer(Trainer):
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, common.warmup_lambda(warmup, init_ratio))
         # Only rank 0 saves, so only it keeps the average (no copy of the weights on the other ranks).
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 and info.is_main else None
+        self.restarts = HolisticRestarts(self.model, cfg.restart_dead_codes, info) if cfg.restart_dead_codes else None
+        self.patch_dropout = PatchDropout(self.model, cfg.patch_dropout) if cfg.patch_dropout > 0 else None
         self.fwd: nn.Module = _Reconstruct(self.model)
         if self.disc is not None:
             self.disc.to(dev).train()
@@ -201,7 +337,8 @@ class _TokenizerTrainer(Trainer):
             resume_from = self.load(resume_from)  # an older checkpoint when the newest is damaged
         self.log.event("start", step=self.step, preset=model_cfg.name, data=self.data.describe(), world=info.world,
                        disc=disc_kind, precision=str(self.dtype or "fp32"), warmup_steps=warmup,
-                       resumed_from=str(resume_from) if resume_from else None)
+                       resumed_from=str(resume_from) if resume_from else None, init=cfg.init,
+                       restart_dead_codes=cfg.restart_dead_codes, patch_dropout=cfg.patch_dropout)
         if self.lpips is None and cfg.perceptual_weight > 0:
             self.log.event("warning", message="LPIPS perceptual loss is off: no --vgg / --lpips weights given "
                            "(nothing is downloaded); training with reconstruction, VQ and GAN terms only")
@@ -241,6 +378,10 @@ class _TokenizerTrainer(Trainer):
         self.sched.step()
         if self.ema is not None:
             self.ema.update(self.model)
+        if self.restarts is not None:
+            done = self.restarts.maybe_restart(self.step + 1, self.opt, self.ema)  # self.step counts finished steps
+            if done is not None:
+                self.log.event("restart", step=self.step + 1, **done)
         if gan:
             with common.autocast(dev, self.dtype):
                 logits_real, logits_fake = self.disc_fwd(x, recon.detach())
@@ -253,11 +394,18 @@ class _TokenizerTrainer(Trainer):
         return {k: v.detach().float() for k, v in terms.items()}
 
     def extra_state(self) -> dict[str, Any]:
-        if self.disc is None:
-            return {}
-        return {"disc": self.disc.state_dict(), "disc_optimizer": self.opt_d.state_dict()}
+        state: dict[str, Any] = {}
+        if self.restarts is not None:  # usage of the window in progress, so a resume restarts the same codes
+            state["holistic_used"] = self.restarts.used.cpu().clone()
+        if self.disc is not None:
+            state.update(disc=self.disc.state_dict(), disc_optimizer=self.opt_d.state_dict())
+        return state
 
     def load_extra_state(self, state: dict[str, Any], folder: Path) -> None:
+        if self.restarts is not None and "holistic_used" in state:
+            used = state["holistic_used"]
+            if used.shape == self.restarts.used.shape:
+                self.restarts.used.copy_(used)
         if self.disc is None:
             return
         if "disc" not in state:
