@@ -63,7 +63,10 @@ def inpaint_cmd(
     class_id: Annotated[Optional[int], typer.Option("--class", help="Class to condition on (default: unconditional).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder: inpainted_K.png, grid.png.")] = Path("out/inpaint"),
     samples: Annotated[int, typer.Option(min=1, max=64, help="How many different fills.")] = 4,
-    holistic: Annotated[Holistic, typer.Option(help="encode: holistic tokens of the visible part; sample: drawn by the GPT.")] = Holistic.encode,
+    holistic: Annotated[Holistic, typer.Option(
+        help="sample (default): the GPT draws the holistic tokens too, so global appearance fits the fill; encode: "
+             "keep those of the visible part (its hole filled grey, so fills come out grey where holistic tokens "
+             "carry appearance).")] = Holistic.sample,
     cfg_scale: Annotated[float, typer.Option(help="Guidance scale (needs --class; 1 = off).")] = 1.0,
     temperature: TEMPERATURE_OPT = 1.0,
     top_k: TOP_K_OPT = 0,

@@ -150,13 +150,15 @@ def inpaint_tokens(executor: StepExecutor, holistic: torch.Tensor, patch: torch.
 
 
 def inpaint(models: EditModels, image: np.ndarray, coverage: np.ndarray, class_id: int | None,
-            opts: SamplingOptions, samples: int = 4, holistic: str = "encode") -> dict[str, np.ndarray]:
+            opts: SamplingOptions, samples: int = 4, holistic: str = "sample") -> dict[str, np.ndarray]:
     """Fill the masked region of ``image`` ``samples`` times.
 
     Args:
         image: uint8 (S, S, 3); coverage: float (S, S) mask coverage (> 0 = fill).
-        holistic: ``encode`` keeps the holistic tokens of the image (the visible part is filled with its
-            mean grey first, so they describe the visible part), ``sample`` lets the GPT draw them too.
+        holistic: ``sample`` (default) lets the GPT draw the holistic tokens too, so the global
+            appearance they carry fits the filled image; ``encode`` keeps the holistic tokens of the
+            image (the hole is filled with the visible part's mean grey first, so they describe the
+            visible part, and the fill inherits that grey).
     Returns:
         ``raw`` uint8 (samples, S, S, 3) decoded results, ``composite`` (known pixels pasted back),
         ``masked`` the input with the hole shown grey, ``recon`` the tokenizer's reconstruction.
@@ -223,7 +225,7 @@ def style_transfer_job(models: EditModels, content: str | Path, style: str | Pat
 
 
 def inpaint_job(models: EditModels, image: str | Path, mask: str | Path, out: str | Path, class_id: int | None,
-                opts: SamplingOptions, samples: int = 4, holistic: str = "encode") -> tuple[list[Path], list[str]]:
+                opts: SamplingOptions, samples: int = 4, holistic: str = "sample") -> tuple[list[Path], list[str]]:
     """Read an image and a mask, write ``inpainted_K.png`` (known pixels kept) and ``grid.png``."""
     size = models.tokenizer.cfg.image_size
     n_classes = models.executor.gpt_config.num_classes

@@ -85,11 +85,14 @@ def test_inpainting_keeps_known_tokens_and_pixels(tiny_torch_executor):
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     cover = np.zeros((32, 32), np.float32)
     cover[20:] = 1.0
-    res = inpaint(models, image, cover, None, SamplingOptions(cfg_scale=1.0, seed=0), samples=2)
-    assert res["composite"].shape == (2, 32, 32, 3)
-    assert np.array_equal(res["composite"][:, :20], np.broadcast_to(image[:20], (2, 20, 32, 3)))
-    regen = res["regenerated_tokens"]
-    assert not regen[:16].any() and regen[16:].sum() == 8 * 3 + 4  # rows 5..7 of the 8x8 grid, plus 4 shifted
+    for holistic in ("encode", "sample"):
+        res = inpaint(models, image, cover, None, SamplingOptions(cfg_scale=1.0, seed=0), samples=2, holistic=holistic)
+        assert res["composite"].shape == (2, 32, 32, 3)
+        assert np.array_equal(res["composite"][:, :20], np.broadcast_to(image[:20], (2, 20, 32, 3)))
+        regen = res["regenerated_tokens"]
+        # encode keeps the 16 holistic tokens, sample (the default) draws them all
+        assert regen[:16].all() if holistic == "sample" else not regen[:16].any()
+        assert regen[16:].sum() == 8 * 3 + 4  # rows 5..7 of the 8x8 grid, plus 4 shifted
     with pytest.raises(ValueError, match="needs --class"):
         inpaint(models, image, cover, None, SamplingOptions(cfg_scale=2.0), samples=1)
 
