@@ -143,17 +143,18 @@ class CalibrationSet:
 
     # -- feeds ---------------------------------------------------------------------------------
 
-    def decode_feed(self, run: int, pos: int, names: list[str]) -> dict[str, np.ndarray]:
+    def decode_feed(self, run: int, pos: int, names: list[str], row_positions: bool = False) -> dict[str, np.ndarray]:
         """The exact decode-step inputs of run ``run`` at position ``pos``.
 
         Args:
             names: the decode step's input names (``token``, ``position``, then the cache inputs in
                 ``past_key_values.{i}.key, .value`` order).
+            row_positions: the step takes one position per row (``position [B]``, every row at ``pos``).
         """
         if not 1 <= pos <= self.positions:
             raise ValueError(f"position {pos} outside 1..{self.positions}")
-        feed = {names[0]: self.tensors["decode.tokens"][run, :, pos - 1].numpy().copy(),
-                names[1]: np.array([pos], dtype=np.int64)}
+        tokens = self.tensors["decode.tokens"][run, :, pos - 1].numpy().copy()
+        feed = {names[0]: tokens, names[1]: np.full((len(tokens) if row_positions else 1,), pos, dtype=np.int64)}
         n_layer = (len(names) - 2) // 2
         for i in range(n_layer):
             for j, kind in enumerate(("key", "value")):

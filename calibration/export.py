@@ -34,7 +34,7 @@ import numpy as np
 
 from hita.export.errors import ExportError, ParityError
 from hita.export.manifest import Manifest, check_output_folder, load_manifest, staging_dir, write_artifacts
-from hita.export.spec import DECODE_STEP, DECODER, GRAPH_NAMES, PREFILL, graph_specs
+from hita.export.spec import DECODE_STEP, DECODER, GRAPH_NAMES, PREFILL, graph_specs, has_row_positions
 from hita.util.log import Log, logger
 
 from .dataset import CalibrationError, CalibrationSet, load_set
@@ -102,7 +102,8 @@ def check_set_matches(cal: CalibrationSet, manifest: Manifest, decode_path: Path
     sess = ort.InferenceSession(str(decode_path), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     for pos, eager in cal.probes():
-        got = sess.run([sess.get_outputs()[0].name], cal.decode_feed(0, pos, names))[0]
+        per_row = has_row_positions(manifest.signature(DECODE_STEP))
+        got = sess.run([sess.get_outputs()[0].name], cal.decode_feed(0, pos, names, per_row))[0]
         diff = float(np.abs(got - eager).max())
         if not diff <= PROBE_TOL:
             raise CalibrationError(
@@ -115,9 +116,9 @@ def check_set_matches(cal: CalibrationSet, manifest: Manifest, decode_path: Path
 # ----------------------------------------------------------------------------------------------
 
 
-def _feeds(cal: CalibrationSet, graph: str, names: list[str], max_feeds: int) -> list:
+def _feeds(cal: CalibrationSet, graph: str, names: list[str], max_feeds: int, row_positions: bool = False) -> list:
     if graph == DECODE_STEP:
-        return [lambda r=r, p=p: cal.decode_feed(r, p, names) for r, p in cal.decode_points(max_feeds)]
+        return [lambda r=r, p=p: cal.decode_feed(r, p, names, row_positions) for r, p in cal.decode_points(max_feeds)]
     if graph == PREFILL:
         return [lambda r=r: cal.prefill_feed(r) for r in range(cal.runs)]
     return [lambda f=f: f for f in cal.decoder_feeds()]
@@ -280,12 +281,11 @@ def export_quantized(
                 what = base.options.get("quantization", {}).get("recipe", base.precision)
                 raise ValueError(f"{src}: is already a {what} export; quantize an fp32 ONNX folder "
                                  "(`hita export --engine onnx --precision fp32`)")
-            if base.options.get("attention", "plain") != "plain":
-                # Its decode step attends in a contrib op and picks the head half in an ``If``
-                # subgraph, which the quantizers do not reach; Q/DQ recipes are for TensorRT, which
-                # parses no contrib op.
+            if base.options.get("attention", "plain") != "plain" and rec.method != "weight-only":
+                # Q/DQ recipes are for TensorRT, which parses no contrib op.
                 raise ValueError(f"{src}: an `--attention {base.options['attention']}` export; quantize a plain "
-                                 "fp32 ONNX folder (`hita export --engine onnx --attention plain`)")
+                                 "fp32 ONNX folder (`hita export --engine onnx --attention plain`) for "
+                                 f"{rec.name}, or use a weight-only recipe (int8-weight, int4-weight)")
         else:
             from hita.export.onnx import export_onnx
 
@@ -294,7 +294,8 @@ def export_quantized(
             base = load_manifest(src, expect_engine="onnx")
         if cal is not None:
             check_set_matches(cal, base, src / base.graph_file(DECODE_STEP), hashes)
-        specs = graph_specs(base.tokenizer_cfg, base.gpt_cfg, dtype=base.precision)
+        per_row = has_row_positions(base.signature(DECODE_STEP))
+        specs = graph_specs(base.tokenizer_cfg, base.gpt_cfg, dtype=base.precision, row_positions=per_row)
         qdir = work / "quantized"
         qdir.mkdir()
         graphs: dict[str, dict[str, Any]] = {}
@@ -303,7 +304,7 @@ def export_quantized(
             file = base.graph_file(name)
             external = (file + ".data") in base.files
             t1 = time.perf_counter()
-            feeds = _feeds(cal, name, specs[name].input_names, max_feeds) if cal is not None else []
+            feeds = _feeds(cal, name, specs[name].input_names, max_feeds, per_row) if cal is not None else []
             if name in rec.graphs:
                 facts = quantize_graph(src / file, qdir / file, rec, graph=name, calibrator=calibrator,
                                        feeds=feeds, external_data=external)
@@ -325,7 +326,21 @@ def export_quantized(
                 log(f"[{i}/3] {file}: kept fp32 ({rec.name} does not quantize the {name})")
             graphs[name] = {**base.graphs[name], "quantization": facts}
         inplace = False
-        if base.options.get("kv_inplace_verified"):
+        if base.options.get("attention") == "gqa":
+            # Weight-only on a GroupQueryAttention step: the layer MatMuls become MatMulNBits; the
+            # head halves inside the ``If`` branches stay fp32 (the quantizer is given top-level
+            # nodes only). The step's in-place / prefix-only facts are re-checked on the new graph.
+            from hita.export.gqa import check_gqa_step
+            from hita.export.onnx import _session as onnx_session
+
+            dspec = specs[DECODE_STEP]
+            nh = base.gpt_cfg.n_holistic
+            facts_gqa = check_gqa_step(onnx_session(qdir / base.graph_file(DECODE_STEP), dspec), dspec,
+                                       dspec.example_inputs(dspec.sizes("check"), seed=1), [nh - 1, nh, nh + 1])
+            if not all(facts_gqa.values()):
+                raise ParityError(f"{rec.name}: the quantized GroupQueryAttention step lost {facts_gqa}; report it")
+            inplace = True
+        elif base.options.get("kv_inplace_verified"):
             from hita.export.onnx import verify_inplace_kv
 
             inplace = verify_inplace_kv(qdir / base.graph_file(DECODE_STEP), specs[DECODE_STEP], base.gpt_cfg)

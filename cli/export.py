@@ -142,7 +142,8 @@ def export(
     _check_attention(attention, engine, precision, kv_write, from_onnx, expect_manifest_sha256)
     if precision.quantized or calibration is not None or calibrator is not None:
         _export_quantized(out, engine, precision, calibration, calibrator, from_onnx, gpt, tokenizer, gpt_preset,
-                          tokenizer_preset, pos128, opset, kv_write, skip_validation, max_batch, device)
+                          tokenizer_preset, pos128, opset, kv_write, skip_validation, max_batch, device,
+                          (attention or Attention.plain).value)
         return
     if engine is Engine.tensorrt:
         _export_tensorrt(out, from_onnx, gpt, tokenizer, gpt_preset, tokenizer_preset, precision, pos128,
@@ -193,9 +194,10 @@ def _check_attention(attention, engine, precision, kv_write, from_onnx, expect_m
     if engine is not Engine.onnx:
         raise ValueError(f"--attention gqa is an ONNX Runtime contrib op that {engine.value} cannot run; use "
                          "--engine onnx (or --attention plain)")
-    if precision.quantized:
-        raise ValueError(f"--precision {precision.value} quantizes the plain graph; drop --attention gqa")
-    if precision is not ExportPrecision.fp32:
+    if precision.quantized and precision.value not in ("int8-weight", "int4-weight"):
+        raise ValueError(f"--precision {precision.value} (Q/DQ, for TensorRT) quantizes the plain graph; drop "
+                         "--attention gqa (weight-only int8-weight / int4-weight work with it)")
+    if precision is not ExportPrecision.fp32 and not precision.quantized:
         raise ValueError(f"--attention gqa exports fp32 only (ONNX Runtime's CPU GroupQueryAttention has no "
                          f"{precision.value} kernel); drop --precision {precision.value} or use --attention plain")
     if kv_write is not None:
@@ -204,7 +206,8 @@ def _check_attention(attention, engine, precision, kv_write, from_onnx, expect_m
 
 
 def _export_quantized(out, engine, precision, calibration, calibrator, from_onnx, gpt, tokenizer, gpt_preset,
-                      tokenizer_preset, pos128, opset, kv_write, skip_validation, max_batch, device) -> None:
+                      tokenizer_preset, pos128, opset, kv_write, skip_validation, max_batch, device,
+                      attention="plain") -> None:
     """``--precision int8-weight|int4-weight|int8|fp8``: an fp32 ONNX export (made now, or --from-onnx)
     quantized by the recipe (``hita.calibration.export``); every option checked before any work."""
     from hita.calibration.export import export_quantized
@@ -244,7 +247,7 @@ def _export_quantized(out, engine, precision, calibration, calibrator, from_onnx
         check_pair(tok.cfg, g.cfg)
         export_quantized(out, rec.name, gpt=g, tokenizer=tok, checkpoints={"gpt": gpt_path, "tokenizer": tok_path},
                          opset=opset, pos128=pos128.value, kv_write=(kv_write or KvWrite.scatter).value,
-                         max_batch=max_batch, **common)
+                         max_batch=max_batch, attention=attention, **common)
     typer.echo(f"wrote {out} (onnx, {rec.name}: {rec.runtime_note})")
     typer.echo(f"manifest sha256 {manifest_sha256(out)} (pin it: --expect-manifest-sha256)")
 

@@ -109,10 +109,10 @@ def test_a_quantized_folder_is_not_quantized_again(tmp_path, int8w_dir, tiny_set
         export_quantized(tmp_path / "q", "int8", from_onnx=int8w_dir, calibration=tiny_set, progress=False)
 
 
-def test_a_gqa_export_is_not_quantized(tmp_path, monkeypatch, onnx_dir, tiny_set):
-    """An `--attention gqa` folder attends in a contrib op and picks the head half in an If subgraph
-    the quantizers do not reach: refused by name. (The tiny folder's manifest, read for real, gets
-    the option a gqa export records.)"""
+def test_a_gqa_export_is_not_given_qdq(tmp_path, monkeypatch, onnx_dir, tiny_set):
+    """Q/DQ recipes are for TensorRT, which cannot parse an `--attention gqa` folder's contrib op:
+    refused by name (weight-only recipes do quantize it: tests/export/test_gqa.py). The tiny
+    folder's manifest, read for real, gets the option a gqa export records."""
     import hita.calibration.export as cal_export
 
     real = cal_export.load_manifest
@@ -123,5 +123,5 @@ def test_a_gqa_export_is_not_quantized(tmp_path, monkeypatch, onnx_dir, tiny_set
 
     monkeypatch.setattr(cal_export, "load_manifest", as_gqa)
     with pytest.raises(ValueError, match="an `--attention gqa` export; quantize a plain fp32 ONNX folder"):
-        export_quantized(tmp_path / "q", "int8-weight", from_onnx=onnx_dir, calibration=tiny_set, progress=False)
+        export_quantized(tmp_path / "q", "int8", from_onnx=onnx_dir, calibration=tiny_set, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -273,7 +273,7 @@ runner = CliRunner()
     (["--engine", "aoti", "--attention", "plain"], "--attention applies to ONNX exports"),
     (["--attention", "gqa", "--precision", "bf16"], "fp32 only"),
     (["--attention", "gqa", "--kv-write", "tensorscatter"], "drop --kv-write tensorscatter"),
-    (["--attention", "gqa", "--precision", "int8-weight"], "drop --attention gqa"),
+    (["--attention", "gqa", "--precision", "int8"], "weight-only int8-weight / int4-weight work with it"),
     (["--engine", "triton", "--attention", "gqa"], "--attention does not apply to --engine triton"),
     (["--attention", "flash"], "flash"),
 ])
@@ -291,3 +291,30 @@ def test_cli_refuses_tensorrt_from_a_gqa_folder_before_needing_tensorrt(gqa_dir,
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "--attention plain" in lines[0], res.output
+
+
+def test_weight_only_recipes_quantize_the_gqa_step_and_keep_it_in_place(gqa_dir, tmp_path):
+    """int8-weight on a gqa folder: the layer MatMuls become MatMulNBits, the step keeps its
+    in-place prefix-only attention, and the executor runs it with the recipe's accuracy (KL bound of
+    the int8-weight recipe on the folder's own check feeds)."""
+    import onnx
+
+    from hita.calibration.export import export_quantized
+    from hita.calibration.recipes import recipe
+    from hita.export.manifest import load_manifest
+    from hita.runtimes.loop import generate_tokens
+    from hita.runtimes.onnxrt import OrtExecutor
+    from hita.runtimes.sampling import SamplingOptions
+
+    out = export_quantized(tmp_path / "i8w", "int8-weight", from_onnx=gqa_dir, progress=False)
+    m = load_manifest(out, expect_engine="onnx")
+    assert m.options["attention"] == "gqa" and m.options["kv_inplace_verified"] is True
+    ops = {n.op_type for n in onnx.load(str(out / m.graph_file(DECODE_STEP)), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention", "If"} <= ops
+    checks = m.options["quantization"]["checks"][DECODE_STEP]
+    assert checks["mean_kl"] <= recipe("int8-weight").thresholds.max_mean_kl
+    ex, ref = OrtExecutor(out), OrtExecutor(gqa_dir)
+    opts = SamplingOptions(cfg_scale=2.0, temperature=0.0)
+    assert ex.attention == "gqa"
+    same = generate_tokens(ex, [1, 4], opts).tokens.eq(generate_tokens(ref, [1, 4], opts).tokens).float().mean()
+    assert same > 0.3  # greedy paths agree for a while, then may fork on near ties (KL above is the bound)
