@@ -108,9 +108,12 @@ def test_sigterm_finishes_accepted_requests_then_exits(served, wait_for):
     proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "hita: draining" in (work / "tritonserver.log").read_text(), "the model to start draining")
     late = th.InferenceServerClient(f"127.0.0.1:{http}")
-    with pytest.raises(Exception, match="shutting down") as refused:
+    # Refused either by the draining model (503, "shutting down") or, once the model has finished
+    # and Triton is stopping (a loaded machine gets there first), by the closed endpoint.
+    with pytest.raises(Exception, match="shutting down|Connection refused") as refused:
         late.infer("hita", request_inputs(th, [1], SamplingOptions(), False, 0))
-    assert "503" in str(refused.value.status())
+    if "shutting down" in str(refused.value):
+        assert "503" in str(refused.value.status())
     late.close()
     wait_for(lambda: done, "the accepted request's answer")
     result, error = done[0]
