@@ -522,6 +522,9 @@ def _read_manifest(root: Path, expect_sha256: str | None, fix: str, dir_fd: int 
     return Manifest.from_dict(raw)
 
 
+_SWAP_RETRIES = 50  # reads of a folder that concurrent exports keep replacing (see load_manifest)
+
+
 def load_manifest(
     artifacts_dir: str | os.PathLike,
     expect_engine: str | None = None,
@@ -557,13 +560,15 @@ def load_manifest(
         raise ArtifactError(f"{root}: no such artifacts folder; create it with `hita export`")
     # Everything is read through one directory handle, so a folder swapped in by a concurrent
     # export is never mixed with the one being checked.
-    for attempt in range(3):
+    # A retry happens only when the folder at ``root`` really was swapped while it was read, so each
+    # one reads a newer export; the bound only stops a reader racing exports that never end.
+    for attempt in range(_SWAP_RETRIES):
         dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             return _load(root, dir_fd, expect_engine, verify_files, expect_sha256, fingerprints, fix)
         except ArtifactError:
             # A concurrent export replaced the folder and deleted the one we had open: read the new one.
-            if attempt == 2 or os.stat(root).st_ino == os.fstat(dir_fd).st_ino:
+            if attempt == _SWAP_RETRIES - 1 or os.stat(root).st_ino == os.fstat(dir_fd).st_ino:
                 raise
         finally:
             os.close(dir_fd)
