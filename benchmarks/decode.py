@@ -12,9 +12,10 @@ in ``benchmarks/benchlib``; this script says what to measure and prints it. Colu
 
 Runtimes: ``torch`` (eager, the reference), ``onnxruntime`` (the plain ONNX export),
 ``onnxruntime-gqa`` (the ``--attention gqa`` export: GroupQueryAttention over the filled cache prefix
-in place, one head half per step), ``aoti``, ``cpp``. The floor charges the full 2V head for every
-runtime, so a graph that reads one half can come in a little under it (about 11 % of a 2-row step's
-bytes at GPT-B).
+in place, one head half per step), ``aoti`` (the CPU default export: attention over the filled prefix,
+one head half, frozen oneDNN-packed weights), ``cpp`` (the C++ host over the same packages). The
+floor charges the full 2V head for every runtime, so a graph that reads one half can come in a little
+under it (about 11 % of a 2-row step's bytes at GPT-B).
 """
 from __future__ import annotations
 

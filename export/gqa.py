@@ -69,6 +69,7 @@ __all__ = [
     "ATTENTIONS",
     "GQA_OP",
     "GqaDecodeStepGraph",
+    "LayerwiseDecodeStepGraph",
     "check_gqa_export",
     "translation_table",
     "inplace_runner",
@@ -160,16 +161,21 @@ def translation_table() -> dict[Any, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-class GqaDecodeStepGraph(DecodeStepGraph):
-    """The decode step with GQA attention and the needed head half; the spec's I/O unchanged.
+class LayerwiseDecodeStepGraph(DecodeStepGraph):
+    """``HitaGPT.decode`` spelled out layer by layer over the model's own modules, with two seams an
+    engine variant fills: how one position attends over the cache (:meth:`_attend`) and the output
+    head, which computes only the half each row needs (:meth:`_head`). The spec's I/O is unchanged.
 
-    ``forward`` is ``HitaGPT.decode`` step by step over the model's own modules (embedding choice,
-    ``_row_positions``, ``Attention.project``, ``wo``, the FFN, the norms), with the attention call
-    and the head replaced. The export driver validates it against the plain wrapper, so any drift
-    from ``HitaGPT.decode`` fails the export.
+    Why one base: the ONNX Runtime variant (:class:`GqaDecodeStepGraph`, one GQA node per layer) and
+    the AOTInductor variant (``hita.export.aoti.PrefixDecodeStepGraph``, attention over the filled
+    prefix) differ only in the attention call, so the embedding choice, the position treatment, the
+    block structure and the head-half logic live here once. ``forward`` uses the embedding choice,
+    ``_row_positions``, ``Attention.project``, ``wo``, the FFN and the norms of the model itself; the
+    export driver validates every subclass against the plain wrapper (``HitaGPT.decode``), so any
+    drift fails the export.
 
     Args:
-        gpt: the GPT (float32, eval).
+        gpt: the GPT (eval).
         pos128: embedding rule at position Nh, baked in.
     """
 
@@ -180,9 +186,21 @@ class GqaDecodeStepGraph(DecodeStepGraph):
         super().__init__(gpt, pos128)
         v = gpt.cfg.vocab_size
         w = gpt.output.weight.detach()  # (2V, dim): [holistic | patch]
-        # Separate constants so each If branch reads its own initializer: no slicing at run time.
+        # Separate constants so each branch reads its own weight (an ONNX If branch its own
+        # initializer): no slicing or gathering of the head at run time.
         self.register_buffer("head_holistic", w[:v].clone(), persistent=False)  # (V, dim)
         self.register_buffer("head_patch", w[v:].clone(), persistent=False)  # (V, dim)
+
+    def _attention_context(self, position: Tensor, batch: int, slots: int) -> Any:
+        """Per-step values every layer's :meth:`_attend` shares (computed once per forward)."""
+        return None
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor,
+                ctx: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """One layer's attention step: q, k, v ``(B, H, 1, hd)`` (positioned) and the layer's cache
+        ``(B, H, S, hd)`` -> the attention output ``(B, 1, H*hd)`` (before ``wo``) and the written
+        caches."""
+        raise NotImplementedError
 
     def forward(self, token: Tensor, position: Tensor, past_key_values: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         gpt, cfg = self.gpt, self.gpt.cfg
@@ -192,16 +210,12 @@ class GqaDecodeStepGraph(DecodeStepGraph):
         x = torch.where(use_slot, gpt.slot_embeddings(token), gpt.tok_embeddings(token))  # (B, dim)
         x = gpt.tok_dropout(x[:, None])  # (B, 1, dim)
         pe = gpt._row_positions(position)
-        b = token.shape[0]
-        seqlens_k = position.to(torch.int32).expand(b)  # (B,): slot written = last slot attended
-        total = (position.max() + 1).to(torch.int32)  # (): GQA's batch bound
-        scale = 1.0 / math.sqrt(cfg.head_dim)
+        ctx = self._attention_context(position, token.shape[0], past_key_values[0].shape[2])
         new_k, new_v = [], []
         for layer, kc, vc in zip(gpt.layers, past_key_values[0::2], past_key_values[1::2]):
             att = layer.attention
             q, k, v = att.project(layer.attention_norm(x), pe)  # (B, H, 1, hd) each, positioned
-            q, k, v = (t.transpose(1, 2).flatten(2) for t in (q, k, v))  # (B, 1, H*hd) each
-            y, kc, vc = gqa_decode_attention(q, k, v, kc, vc, seqlens_k, total, cfg.n_head, scale)
+            y, kc, vc = self._attend(q, k, v, kc, vc, position, ctx)  # y: (B, 1, H*hd)
             h = x + att.resid_dropout(att.wo(y))  # (B, 1, dim)
             x = h + layer.feed_forward(layer.ffn_norm(h))
             new_k.append(kc)
@@ -210,7 +224,8 @@ class GqaDecodeStepGraph(DecodeStepGraph):
         return (self._head(h, position).to(h.dtype), *_interleave(new_k, new_v))
 
     def _head(self, h: Tensor, position: Tensor) -> Tensor:
-        """Logits ``[B, V]`` from the half of the head each row needs (``If`` in ONNX)."""
+        """Logits ``[B, V]`` from the half of the head each row needs: ``torch.cond`` (an ONNX
+        ``If``, an AOTInductor branch) over the two halves, so a step reads half the head's bytes."""
         hol = position < self.gpt.cfg.n_holistic  # (R,)
         w_hol, w_patch = self.head_holistic, self.head_patch
 
@@ -230,6 +245,28 @@ class GqaDecodeStepGraph(DecodeStepGraph):
             return torch.cond((~hol).all(), patch, mixed, (h,))
 
         return torch.cond(hol.all(), holistic, not_all_holistic, (h,))
+
+
+class GqaDecodeStepGraph(LayerwiseDecodeStepGraph):
+    """The decode step with GQA attention and the needed head half; the spec's I/O unchanged.
+
+    :class:`LayerwiseDecodeStepGraph` with the attention call replaced by
+    :func:`gqa_decode_attention` (one ``GroupQueryAttention`` node per layer in ONNX).
+
+    Args:
+        gpt: the GPT (float32, eval).
+        pos128: embedding rule at position Nh, baked in.
+    """
+
+    def _attention_context(self, position: Tensor, batch: int, slots: int) -> tuple[Tensor, Tensor, float]:
+        seqlens_k = position.to(torch.int32).expand(batch)  # (B,): slot written = last slot attended
+        total = (position.max() + 1).to(torch.int32)  # (): GQA's batch bound
+        return seqlens_k, total, 1.0 / math.sqrt(self.gpt.cfg.head_dim)
+
+    def _attend(self, q, k, v, k_cache, v_cache, position, ctx):
+        seqlens_k, total, scale = ctx
+        q, k, v = (t.transpose(1, 2).flatten(2) for t in (q, k, v))  # (B, 1, H*hd) each
+        return gqa_decode_attention(q, k, v, k_cache, v_cache, seqlens_k, total, self.gpt.cfg.n_head, scale)
 
 
 # ----------------------------------------------------------------------------------------------

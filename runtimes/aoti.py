@@ -8,7 +8,9 @@ Every refusal is one :class:`~hita.export.errors.ArtifactError` line with the ca
 
 KV cache: ``prefill.pt2`` returns a fresh cache (``present.*``); this executor keeps those tensors
 and hands them to ``decode_step.pt2``, which writes slot ``pos`` of each one in place and returns
-only the logits (see :mod:`hita.export.aoti` for why). No sampling happens here.
+only the logits (see :mod:`hita.export.aoti` for why). A CPU export's decode step also attends only
+over the filled cache prefix and computes one head half (``options.attention`` ``"prefix"``); it is
+driven exactly like the plain one, so nothing here depends on which it is. No sampling happens here.
 
 A folder whose decode step takes ``position [batch]`` (exported with ``row_positions``) gives an
 executor with ``row_positions`` (in-flight batching): ``add_rows`` runs the prefill package on the

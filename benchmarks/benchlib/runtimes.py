@@ -66,7 +66,9 @@ class Context:
 def reusable(folder: Path, engine: str, ctx: Context, attention: str | None = None) -> bool:
     """Whether ``folder`` holds a verified ``engine`` export (``load_manifest``) of exactly these
     checkpoints (the sha256 the manifest records), made by this torch, fp32 on the CPU with the
-    default position rule, for at least ``max_rows`` rows (ONNX: with this ``attention`` variant)."""
+    default position rule, for at least ``max_rows`` rows (ONNX: with this ``attention`` variant;
+    AOTI: with today's CPU defaults, so an older package compiled otherwise is not timed as if it
+    were what ``hita export --engine aoti`` makes now)."""
     import torch
 
     from hita.export.errors import ArtifactError
@@ -77,9 +79,15 @@ def reusable(folder: Path, engine: str, ctx: Context, attention: str | None = No
     except ArtifactError:
         return False
     made = (m.checkpoints, m.versions.get("torch"), m.precision, m.device, m.pos128)
+    if engine == "aoti":
+        from hita.export.aoti import default_attention, effective_inductor_configs
+
+        current = (m.options.get("attention", "plain") == default_attention("cpu")
+                   and m.options.get("inductor_configs") == effective_inductor_configs("cpu", None))
+    else:
+        current = attention is None or m.options.get("attention", "plain") == attention
     return (made == (ctx.checkpoints.sha256, torch.__version__, "float32", "cpu", "reference")
-            and m.options.get("max_batch", 0) >= ctx.max_rows
-            and (attention is None or m.options.get("attention", "plain") == attention))
+            and m.options.get("max_batch", 0) >= ctx.max_rows and current)
 
 
 def exported(ctx: Context, engine: str, attention: str | None = None) -> Path:

@@ -82,6 +82,10 @@ def test_manifest_records_packages_device_versions_and_inplace_cache(aoti_dir):
         assert report[g]["max_abs_diff"] <= ATOL and report[g]["batch"] == 3
     assert report[DECODER]["psnr_db"] >= MIN_PSNR_DB
     assert m.options["kv_cache"] == "inplace"
+    # The CPU defaults (hita.export.aoti): prefix attention + head half, freezing; the step was
+    # checked to read no cache slot beyond the position.
+    assert m.options["attention"] == "prefix" and m.options["inductor_configs"] == {"freezing": True}
+    assert report[DECODE_STEP]["prefix_only_verified"] is True
 
 
 def test_export_rejects_bad_arguments(tmp_path):
