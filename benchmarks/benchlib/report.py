@@ -8,9 +8,10 @@ from pathlib import Path
 from hita.util.files import atomic_write
 
 from .results import BenchResult
+from .runtimes import QUANTIZED
 
 HEADER = ("runtime", "batch (rows)", "ms/step", "spread", "fwd ms", "× eager", "floor ms", "× floor", "decoder ms",
-          "images/s")
+          "images/s", "top-1 = eager", "KL vs eager")
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -19,6 +20,10 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def _pct1(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def table_rows(result: BenchResult) -> list[tuple[str, ...]]:
@@ -32,7 +37,7 @@ def table_rows(result: BenchResult) -> list[tuple[str, ...]]:
         out.append((
             r.runtime, batch, _fmt(r.step_ms, ".2f"), _pct(r.spread), _fmt(r.forward_ms, ".2f"),
             _fmt(r.x_eager, ".2f"), _fmt(r.floor_ms, ".2f"), _fmt(r.x_floor, ".2f"), _fmt(r.decode_image_ms, ".0f"),
-            _fmt(r.images_per_s, ".3g"),
+            _fmt(r.images_per_s, ".3g"), _pct1(r.top1_vs_eager), _fmt(r.kl_vs_eager, ".1e"),
         ))
     return out
 
@@ -60,7 +65,9 @@ def _agreement_line(result: BenchResult) -> str | None:
     for r in result.rows:
         if r.max_abs_diff_vs_eager is not None:
             same = "" if r.tokens_equal_eager is None else (
-                ", same tokens" if r.tokens_equal_eager else ", OTHER TOKENS drawn")
+                ", same tokens" if r.tokens_equal_eager
+                else ", some tokens differ (quantized: see top-1 / KL)" if r.runtime in QUANTIZED
+                else ", OTHER TOKENS drawn")
             parts.append(f"{r.runtime} {r.batch_label}: {r.max_abs_diff_vs_eager:.1e}{same}")
     return ("Max |logits - eager| over the timed steps: " + ", ".join(parts) + ".") if parts else None
 
@@ -80,6 +87,9 @@ def format_table(result: BenchResult) -> str:
         ),
         f"Machine: {result.machine.line()}.",
         "images/s = images / (prefill + (seq_len - 1) x ms/step + tokenizer decoder on the batch).",
+        ("top-1 = eager, KL vs eager: at the timed steps, fed the same tokens as eager (teacher-forced), the share "
+         "of rows whose most likely token is eager's and the mean KL(eager || runtime) of the guided "
+         "distributions (random weights: near-flat distributions, the hardest case for top-1)."),
     ]
     notes = dict.fromkeys(f"{r.runtime}: {r.note}" for r in result.rows if r.note)
     for line in (_other_load_line(result), "Measured differently: " + "; ".join(notes) + "." if notes else None,

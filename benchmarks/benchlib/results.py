@@ -40,6 +40,8 @@ class Row:
     images_per_s: float | None = None
     max_abs_diff_vs_eager: float | None = None  # largest |logits - eager| over the timed steps
     tokens_equal_eager: bool | None = None  # every drawn token equal to eager's draw
+    top1_vs_eager: float | None = None  # share of (position, row) whose argmax is eager's (teacher-forced)
+    kl_vs_eager: float | None = None  # mean KL(eager || this) of the guided distributions at the timed steps
     other_load: float | None = None  # CPU share of other processes while this batch was timed
     note: str | None = None  # how this row was measured, when it differs from the others
     per_position_ms: dict[int, float] = field(default_factory=dict)

@@ -6,6 +6,13 @@ the checkpoints (eager) or over artifacts written by the export driver (``export
 filled cache prefix, in place, and only the needed head half; ``hita.export.gqa``), in its own folder,
 beside ``onnxruntime`` over the plain graph.
 
+The quantized runtimes (:data:`QUANTIZED`) are ONNX Runtime over ``hita.calibration.export_quantized``
+folders made from those fp32 exports, as ``hita export --precision R --from-onnx`` makes them: the
+weight-only recipes from the gqa graph (their CPU speed case), static ``int8`` from the plain graph
+(Q/DQ is for TensorRT, which parses no contrib op) with a calibration set that
+``hita.calibration.collect`` samples from the eager model once per workdir. ``fp8`` is left out: on a
+CPU it is a simulation (Q/DQ in float) whose time says nothing about FP8 hardware.
+
 A runtime that cannot run here (missing package, failed import, export, build or load) becomes
 :class:`Unavailable` with a one-line reason; the benchmark shows that as a table row and carries on.
 """
@@ -21,11 +28,18 @@ from hita.util.log import Log, first_line
 
 from .models import Checkpoints
 
-RUNTIMES = ("torch", "onnxruntime", "onnxruntime-gqa", "aoti", "cpp")
-EAGER = "torch"  # the reference every ratio is taken against
 # runtime -> (export engine, ONNX attention variant or None, the factory's runtime name)
 EXPORTS = {"onnxruntime": ("onnx", "plain", "onnxruntime"), "onnxruntime-gqa": ("onnx", "gqa", "onnxruntime"),
            "aoti": ("aoti", None, "aoti")}
+# runtime -> (quantization recipe, attention variant of the fp32 ONNX export it quantizes)
+QUANTIZED = {"onnxruntime-int8-weight": ("int8-weight", "gqa"), "onnxruntime-int4-weight": ("int4-weight", "gqa"),
+             "onnxruntime-int8": ("int8", "plain")}
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-gqa", "aoti", "cpp", *QUANTIZED)
+EAGER = "torch"  # the reference every ratio is taken against
+# The calibration set of the static recipe: images sampled by eager (one image + CFG per run, the
+# deployed batch-1 shape). 4 images of GPT-B take about a minute on 2 cores and are twice what the
+# minmax calibrator needs (hita.calibration.recipes.MIN_IMAGES).
+CALIBRATION_IMAGES = 4
 
 
 class Unavailable(Exception):
@@ -70,7 +84,6 @@ def reusable(folder: Path, engine: str, ctx: Context, attention: str | None = No
     AOTI: with today's CPU defaults, so an older package compiled otherwise is not timed as if it
     were what ``hita export --engine aoti`` makes now)."""
     import torch
-
     from hita.export.errors import ArtifactError
     from hita.export.manifest import load_manifest
 
@@ -117,6 +130,68 @@ def exported(ctx: Context, engine: str, attention: str | None = None) -> Path:
     return out
 
 
+def calibration_set(ctx: Context) -> Path:
+    """``workdir/calibration-<preset>-seed<seed>.safetensors``: reused while it loads (its hashes are
+    verified) and was collected from these checkpoints, else sampled by eager as ``hita calibrate``
+    does (progress every 10 %)."""
+    from hita.calibration.collect import collect
+    from hita.calibration.dataset import CalibrationError, load_set
+    from hita.calibration.options import CollectOptions
+
+    from hita.checkpoint import load_gpt, load_tokenizer
+
+    ck = ctx.checkpoints
+    path = ctx.workdir / f"calibration-{ck.gpt_cfg.name}-seed{ctx.seed}.safetensors"
+    try:
+        cal = load_set(path)
+        if cal.manifest.get("checkpoints") == ck.sha256 and cal.images >= CALIBRATION_IMAGES:
+            ctx.log(f"calibration: reusing {path}")
+            return path
+    except (CalibrationError, OSError):
+        pass
+    opts = CollectOptions.from_name("gpt-b").with_changes(images=CALIBRATION_IMAGES, seed=ctx.seed)
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        tenth = 10 * done // total
+        if tenth > shown[0]:
+            shown[0] = tenth
+            ctx.log(f"calibration: {done}/{total} eager steps")
+
+    t0 = time.perf_counter()
+    attempt("calibration failed", lambda: collect(load_gpt(ck.gpt), load_tokenizer(ck.tokenizer), path, opts,
+                                                  checkpoints=ck.sources, progress=progress))
+    ctx.log(f"calibration: {CALIBRATION_IMAGES} images sampled in {time.perf_counter() - t0:.0f} s to {path}")
+    return path
+
+
+def quantized(ctx: Context, recipe: str, attention: str) -> Path:
+    """``workdir/onnx-<attention>-<recipe>-<preset>-seed<seed>``: reused while its manifest verifies,
+    names this recipe and was made from the fp32 folder as it is now (the manifest sha256 it records),
+    else written by ``export_quantized`` from that folder."""
+    from hita.calibration.export import export_quantized
+    from hita.export.errors import ArtifactError
+    from hita.export.manifest import load_manifest, manifest_sha256
+
+    src = exported(ctx, "onnx", attention)
+    out = ctx.workdir / f"onnx-{attention}-{recipe}-{ctx.checkpoints.gpt_cfg.name}-seed{ctx.seed}"
+    try:
+        q = load_manifest(out, expect_engine="onnx").options.get("quantization", {})
+        if q.get("recipe") == recipe and q.get("source_manifest_sha256") == manifest_sha256(src):
+            ctx.log(f"{recipe}: reusing the export in {out}")
+            return out
+    except ArtifactError:
+        pass
+    from hita.calibration.recipes import recipe as get_recipe
+
+    cal = calibration_set(ctx) if get_recipe(recipe).needs_calibration else None
+    t0 = time.perf_counter()
+    attempt(f"{recipe} export failed", lambda: export_quantized(
+        out, recipe, from_onnx=src, calibration=cal, progress=lambda s: ctx.log(f"{recipe}: {s}")))
+    ctx.log(f"{recipe}: quantized in {time.perf_counter() - t0:.0f} s to {out}")
+    return out
+
+
 def build(name: str, ctx: Context) -> Any:
     """The executor (or, for ``cpp``, the :class:`~.host.HostProcess`) of runtime ``name``.
 
@@ -132,8 +207,11 @@ def build(name: str, ctx: Context) -> Any:
     if name == EAGER:
         ck = ctx.checkpoints
         return attempt("load failed", lambda: make_executor(name, gpt=ck.gpt, tokenizer=ck.tokenizer))
-    engine, attention, runtime = EXPORTS[name]
-    folder = exported(ctx, engine, attention)
+    if name in QUANTIZED:
+        folder, runtime = quantized(ctx, *QUANTIZED[name]), "onnxruntime"
+    else:
+        engine, attention, runtime = EXPORTS[name]
+        folder = exported(ctx, engine, attention)
     return attempt("load failed", lambda: make_executor(runtime, artifacts=folder))
 
 

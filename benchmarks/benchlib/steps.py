@@ -93,8 +93,17 @@ class _Record:
         row.per_position_ms = {p: 1e3 * t for p, t in per_pos.items()}
 
     def compare(self, ref: "_Record", row: Row) -> None:
+        """Accuracy against eager on the same calls (teacher-forced: both were fed the same tokens at
+        every position): the largest logit difference, whether the draws match, and what a quantized
+        graph costs: the share of rows whose top-1 token is eager's and the mean KL(eager || this) of
+        the guided distributions the sampler draws from."""
         row.max_abs_diff_vs_eager = max(float((t - ref.logits[p]).abs().max()) for p, t in self.logits.items())
         row.tokens_equal_eager = all(torch.equal(t, ref.drawn[p]) for p, t in self.drawn.items())
+        got = torch.stack([self.logits[p] for p in sorted(self.logits)]).double()     # [P, n, V]
+        want = torch.stack([ref.logits[p] for p in sorted(self.logits)]).double()    # [P, n, V]
+        row.top1_vs_eager = float((got.argmax(-1) == want.argmax(-1)).double().mean())
+        log_p, log_q = want.log_softmax(-1), got.log_softmax(-1)
+        row.kl_vs_eager = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
 def time_batch(
