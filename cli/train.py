@@ -177,8 +177,11 @@ def gpt(
     ckpt_every: CkptEvery = None,
     keep_last: KeepLast = None,
     resume: Resume = False,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Start from this GPT's weights (continued training; same preset). Ignored when --resume "
+        "finds a checkpoint.")] = None,
 ) -> None:
-    """Train a class-conditional GPT on a frozen tokenizer's codes."""
+    """Train a class-conditional GPT on a frozen tokenizer's codes; optionally continue one (--init)."""
     from hita.train.gpt_trainer import gpt_train_config, train_gpt
 
     cfg = gpt_train_config(
@@ -188,7 +191,7 @@ def gpt(
         class_dropout=class_dropout, dropout=dropout, augment=_str(augment), limit=limit,
         precision=precision.value, device=_device(device), seed=seed, workers=workers, threads=threads,
         log_every=log_every, ckpt_every=ckpt_every, keep_last=keep_last, resume=resume,
-        progress=progress_enabled(),
+        progress=progress_enabled(), init=_str(init),
     )
     path = train_gpt(cfg)
     _report(path)

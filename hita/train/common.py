@@ -29,6 +29,29 @@ class TrainError(ValueError):
     """A training run cannot start or continue; the message's first line says why and what to do."""
 
 
+def read_init(path: str | None, what: str, load, model_cfg, ignore: tuple[str, ...] = ()):
+    """The state dict of the ``--init`` file ``path`` (None without one), checked against the run's
+    config before any run folder is touched: same preset, same fields except those in ``ignore``
+    (training-only ones such as dropout rates, which the weights do not depend on)."""
+    if path is None:
+        return None
+    from hita.checkpoint import CheckpointError
+
+    try:
+        model = load(path)
+    except CheckpointError as e:
+        raise TrainError(f"--init: {str(e).splitlines()[0]}") from None
+    if model.cfg.name != model_cfg.name:
+        raise TrainError(f"--init {path} holds a {what} of preset {model.cfg.name!r}, not {model_cfg.name!r}; "
+                         f"pass --preset {model.cfg.name} or a {model_cfg.name} {what}")
+    fields = [f.name for f in dataclasses.fields(model_cfg)
+              if f.name not in ignore and getattr(model.cfg, f.name) != getattr(model_cfg, f.name)]
+    if fields:
+        raise TrainError(f"--init {path} holds a variant of preset {model_cfg.name!r} with other "
+                         f"{', '.join(fields)}; pass a {what} made with the {model_cfg.name} preset itself")
+    return model.state_dict()
+
+
 def with_overrides(cls, base: Mapping[str, Any], overrides: Mapping[str, Any]):
     """``cls(**base, **overrides)`` where overrides equal to None are dropped and unknown keys rejected."""
     names = {f.name for f in dataclasses.fields(cls)}

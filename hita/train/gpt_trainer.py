@@ -71,6 +71,7 @@ class GPTTrainConfig:
     keep_last: int | None = None
     resume: bool = False
     progress: bool = True
+    init: str | None = None  # GPT weights to start from (continued training); None: random initialisation
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -133,15 +134,27 @@ def train_gpt(cfg: GPTTrainConfig) -> Path:
     """Train (or resume) a GPT run. Returns ``<run_dir>/gpt.safetensors`` (EMA weights when on)."""
     _check(cfg)
     model_cfg = _model_config(cfg)
+    init = _read_init(cfg, model_cfg)
     common.set_threads(cfg.threads)
     info = init_distributed(cfg.device)
-    return _GPTTrainer(cfg, model_cfg, info).run()
+    return _GPTTrainer(cfg, model_cfg, info, init).run()
+
+
+# Training-only fields: a file trained with other rates is still the same network.
+_DROPOUT_FIELDS = ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout")
+
+
+def _read_init(cfg: GPTTrainConfig, model_cfg: GPTConfig) -> dict[str, Tensor] | None:
+    from hita.checkpoint import load_gpt
+
+    return common.read_init(cfg.init, "GPT", lambda path: load_gpt(path), model_cfg, ignore=_DROPOUT_FIELDS)
 
 
 class _GPTTrainer(Trainer):
     kind = KIND
 
-    def __init__(self, cfg: GPTTrainConfig, model_cfg: GPTConfig, info: DistInfo):
+    def __init__(self, cfg: GPTTrainConfig, model_cfg: GPTConfig, info: DistInfo,
+                 init: dict[str, Tensor] | None = None):
         dev = info.device
         common.check_world(cfg, info)
         self.dtype = common.resolve_precision(cfg.precision, dev)
@@ -180,6 +193,8 @@ class _GPTTrainer(Trainer):
         from hita.models.gpt import HitaGPT
 
         self.model = HitaGPT(model_cfg).to(dev).train()
+        if init is not None:  # a resumed run overwrites these with its checkpoint's weights below
+            self.model.load_state_dict(init, strict=True)
         torch.manual_seed(cfg.seed + 7919 * info.rank)  # dropout streams differ across ranks
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=dev.type == "cuda")
@@ -194,7 +209,7 @@ class _GPTTrainer(Trainer):
             resume_from = self.load(resume_from)  # an older checkpoint when the newest is damaged
         self.log.event("start", step=self.step, preset=model_cfg.name, tokenizer=tok_cfg.name, data=source,
                        online=self.tokenizer is not None, world=info.world, precision=str(self.dtype or "fp32"),
-                       resumed_from=str(resume_from) if resume_from else None)
+                       resumed_from=str(resume_from) if resume_from else None, init=cfg.init)
 
     def batches(self):
         cfg, info = self.cfg, self.info

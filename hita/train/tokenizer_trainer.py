@@ -21,7 +21,6 @@ the recipe of a preset (the reference numbers for hita-v / hita-u, small-data nu
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,23 +266,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
 
 def _read_init(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig) -> dict[str, Tensor] | None:
     """The ``--init`` weights (checked before any run folder is touched), or None without ``--init``."""
-    if cfg.init is None:
-        return None
-    from hita.checkpoint import CheckpointError, load_tokenizer
+    from hita.checkpoint import load_tokenizer
 
-    try:
-        tok = load_tokenizer(cfg.init, preset=None)
-    except CheckpointError as e:
-        raise TrainError(f"--init: {str(e).splitlines()[0]}") from None
-    if tok.cfg.name != model_cfg.name:
-        raise TrainError(f"--init {cfg.init} holds a tokenizer of preset {tok.cfg.name!r}, not {model_cfg.name!r}; "
-                         f"pass --preset {tok.cfg.name} or a {model_cfg.name} tokenizer")
-    if tok.cfg != model_cfg:
-        fields = [f.name for f in dataclasses.fields(model_cfg)
-                  if getattr(tok.cfg, f.name) != getattr(model_cfg, f.name)]
-        raise TrainError(f"--init {cfg.init} holds a variant of preset {model_cfg.name!r} with other "
-                         f"{', '.join(fields)}; pass a tokenizer made with the {model_cfg.name} preset itself")
-    return tok.state_dict()
+    return common.read_init(cfg.init, "tokenizer", lambda path: load_tokenizer(path, preset=None), model_cfg)
 
 
 class _TokenizerTrainer(Trainer):

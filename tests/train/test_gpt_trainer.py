@@ -1,14 +1,17 @@
 """GPT training on codes of real Fashion-MNIST images: learning, exact resume, DDP = single process."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from hita.checkpoint import CheckpointError, load_gpt
+from hita.checkpoint import CheckpointError, load_gpt, save_model
 from hita.config import GPTConfig
 from hita.train.common import TrainError
 from hita.train.distributed import DistInfo
 from hita.train.gpt_trainer import drop_labels, gpt_train_config, param_groups, train_gpt
+from hita.models.gpt import HitaGPT
 from hita.train.progress import read_log
 
 RESUME_ATOL = 0.0  # bit-exact: same data order, dropout RNG restored, optimizer state restored
@@ -90,3 +93,25 @@ def test_bad_inputs(tmp_path, tiny_tokenizer, tiny_codes, fashion):
         train_gpt(_cfg(tmp_path, "c", codes=str(tiny_codes), steps=2))
     with pytest.raises(TrainError, match="another variant"):  # a different model config cannot resume it
         train_gpt(_cfg(tmp_path, "c", codes=str(tiny_codes), steps=2, dropout=0.0, resume=True))
+
+
+def test_init_continues_from_a_gpt_file(tmp_path, tiny_codes, tiny_tokenizer, weights):
+    # Continued training: a run started from another run's final raw weights (no EMA, dropout off, so
+    # nothing but the weights carries over) starts exactly where that run's weights were.
+    kw = dict(codes=str(tiny_codes), ema_decay=0.0, dropout=0.0, class_dropout=0.0)
+    first = train_gpt(_cfg(tmp_path, "first", steps=2, **kw))
+    train_gpt(_cfg(tmp_path, "next", steps=1, lr=1e-12, init=str(first), **kw))
+    a, b = weights(first), weights(tmp_path / "next/gpt.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-9) for k in a)
+    start = read_log(tmp_path / "next")[0]
+    assert start["init"] == str(first)
+    train_gpt(_cfg(tmp_path, "fresh", steps=1, lr=1e-12, **kw))  # without --init: other (random) weights
+    assert not torch.allclose(a["output.weight"], weights(tmp_path / "fresh/gpt.safetensors")["output.weight"])
+    # Refused before any run folder exists: a tokenizer file, and a file of another preset.
+    with pytest.raises(TrainError, match="--init: .*not a gpt|--init: .*tokenizer"):
+        train_gpt(_cfg(tmp_path, "bad1", init=str(tiny_tokenizer), **kw))
+    other = dataclasses.replace(GPTConfig.from_name("tiny"), n_layer=2)
+    save_model(HitaGPT(other), other, tmp_path / "two-layer.safetensors")
+    with pytest.raises(TrainError, match="variant of preset 'tiny' with other n_layer"):
+        train_gpt(_cfg(tmp_path, "bad2", init=str(tmp_path / "two-layer.safetensors"), **kw))
+    assert not (tmp_path / "bad1").exists() and not (tmp_path / "bad2").exists()
