@@ -58,6 +58,8 @@ from torch import Tensor, nn
 
 from hita.models.gpt import write_cache
 
+from .ort_binding import bind_inplace
+
 from .graphs import DecodeStepGraph, _interleave
 from .spec import ExportSpec
 
@@ -274,28 +276,6 @@ class GqaDecodeStepGraph(LayerwiseDecodeStepGraph):
 # ----------------------------------------------------------------------------------------------
 
 
-def _bind_inplace(sess, spec: ExportSpec, feed: Mapping[str, np.ndarray]):
-    """An IO binding with each cache copied into one OrtValue bound as past and present (the way
-    :class:`~hita.runtimes.onnxrt.OrtExecutor` binds it). Returns (binding, position, logits,
-    caches), the OrtValues bound; update ``position`` in place to run the next step."""
-    import onnxruntime as ort
-
-    past, present = spec.input_names[2:], spec.output_names[1:]
-    binding = sess.io_binding()
-    caches = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feed[n]).copy()) for n in past]
-    token = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feed["token"]).copy())
-    position = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feed["position"]).copy())
-    rows, vocab = feed["token"].shape[0], int(spec.outputs[0].shape[1])
-    logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, vocab), dtype=np.float32))  # (B, V): gqa is fp32
-    binding.bind_ortvalue_input("token", token)
-    binding.bind_ortvalue_input("position", position)
-    binding.bind_ortvalue_output(spec.output_names[0], logits)
-    for i, o, c in zip(past, present, caches):
-        binding.bind_ortvalue_input(i, c)
-        binding.bind_ortvalue_output(o, c)
-    return binding, position, logits, caches
-
-
 def inplace_runner(sess, spec: ExportSpec):
     """A validation runner (``feed -> [logits, present...]``) that runs the GQA decode step with the
     cache bound in place, on copies of the fed caches. In place is how runtimes run it and the only
@@ -304,7 +284,7 @@ def inplace_runner(sess, spec: ExportSpec):
 
     def run(feed: Mapping[str, Tensor]) -> list[Tensor]:
         np_feed = {k: v.detach().cpu().numpy() for k, v in feed.items()}
-        binding, _, logits, caches = _bind_inplace(sess, spec, np_feed)
+        binding, _, logits, caches = bind_inplace(sess, spec, np_feed)
         sess.run_with_iobinding(binding)
         return [torch.from_numpy(logits.numpy().copy())] + [torch.from_numpy(c.numpy().copy()) for c in caches]
 
@@ -329,7 +309,7 @@ def check_gqa_step(sess, spec: ExportSpec, feed: Mapping[str, Tensor], positions
         return np.full((b if per_row else 1,), p, dtype=np.int64)
 
     separate, same = dict(np_feed), True
-    binding, position, logits, caches = _bind_inplace(sess, spec, dict(np_feed, position=at(positions[0])))
+    binding, position, logits, caches = bind_inplace(sess, spec, dict(np_feed, position=at(positions[0])))
     for p in positions:
         separate["position"] = at(p)
         outs = sess.run(None, separate)  # separate buffers: present slots beyond p come back zero

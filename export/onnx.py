@@ -44,6 +44,7 @@ from .errors import ExportError, ParityError, SignatureError
 from .gqa import ATTENTIONS, GqaDecodeStepGraph, check_gqa_export, check_gqa_step, inplace_runner, translation_table
 from .graphs import SpecGraph
 from .kv_write import TENSORSCATTER_OPSET, to_tensorscatter
+from .ort_binding import bind_inplace
 from .spec import DECODE_STEP, ExportSpec, GraphSignature, TensorSpec, dtype_name
 
 if TYPE_CHECKING:
@@ -120,9 +121,7 @@ def _check_inplace_kv(sess, spec: ExportSpec, feed: dict[str, torch.Tensor], pos
     either the old or the new slot, which hold equal values after the write. This checks the kernels
     do what that argument assumes.
     """
-    import onnxruntime as ort
-
-    past, present = spec.input_names[2:], spec.output_names[1:]
+    past = spec.input_names[2:]
     np_feed = {k: v.cpu().numpy() for k, v in feed.items()}
     ref_feed, ref_steps = dict(np_feed), []
     for p in positions:
@@ -130,17 +129,8 @@ def _check_inplace_kv(sess, spec: ExportSpec, feed: dict[str, torch.Tensor], pos
         outs = sess.run(None, ref_feed)
         ref_steps.append(outs)
         ref_feed.update(zip(past, outs[1:]))
-    binding = sess.io_binding()
-    caches = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np_feed[n]).copy()) for n in past]
-    token = ort.OrtValue.ortvalue_from_numpy(np_feed["token"])
-    position = ort.OrtValue.ortvalue_from_numpy(np.array([positions[0]], dtype=np.int64))
-    logits = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(ref_steps[0][0]))
-    binding.bind_ortvalue_input("token", token)
-    binding.bind_ortvalue_input("position", position)
-    binding.bind_ortvalue_output(spec.output_names[0], logits)
-    for i, o, c in zip(past, present, caches):
-        binding.bind_ortvalue_input(i, c)
-        binding.bind_ortvalue_output(o, c)
+    binding, position, logits, caches = bind_inplace(
+        sess, spec, dict(np_feed, position=np.array([positions[0]], dtype=np.int64)), ref_steps[0][0].dtype)
     for p, ref in zip(positions, ref_steps):
         position.update_inplace(np.array([p], dtype=np.int64))
         sess.run_with_iobinding(binding)
