@@ -162,6 +162,9 @@ class Recipe:
 #                decoder PSNR on the same tokens 42.5 / 35.3 dB -> >= 30 dB
 #   fp8 max      KL 5.5e-2 / 3.9e-2, top-1 81.3% / 74.0%  -> KL <= 0.1,  top-1 >= 70%
 #                decoder PSNR on the same tokens 44.6 / 34.7 dB -> >= 30 dB
+# The embedded GPT retrained for issue 14 (trained longer, on more data) measures int8-weight 1.5e-4 / 99.1 %,
+# int4-weight 1.7e-2 / 91.4 %, int8 4.7e-3 / 94.4 % (decoder 42.1 dB) and fp8 0.18 / 68.1 % (decoder 51.5 dB):
+# fp8 now fails its bounds (its classes stay within 0.9 points of fp32); the bounds were not moved to fit.
 # Free-running token agreement is not judged (threshold 0): sequences part at the first flipped
 # near-tie and then differ everywhere, so agreement measures where the first flip lands, not error.
 # Weight-only recipes leave the decoder in fp32, so its PSNR keeps the fp32 bound (60 dB).
