@@ -84,6 +84,7 @@ def reusable(folder: Path, engine: str, ctx: Context, attention: str | None = No
     AOTI: with today's CPU defaults, so an older package compiled otherwise is not timed as if it
     were what ``hita export --engine aoti`` makes now)."""
     import torch
+
     from hita.export.errors import ArtifactError
     from hita.export.manifest import load_manifest
 
@@ -137,7 +138,6 @@ def calibration_set(ctx: Context) -> Path:
     from hita.calibration.collect import collect
     from hita.calibration.dataset import CalibrationError, load_set
     from hita.calibration.options import CollectOptions
-
     from hita.checkpoint import load_gpt, load_tokenizer
 
     ck = ctx.checkpoints
@@ -170,6 +170,7 @@ def quantized(ctx: Context, recipe: str, attention: str) -> Path:
     names this recipe and was made from the fp32 folder as it is now (the manifest sha256 it records),
     else written by ``export_quantized`` from that folder."""
     from hita.calibration.export import export_quantized
+    from hita.calibration.recipes import recipe as get_recipe
     from hita.export.errors import ArtifactError
     from hita.export.manifest import load_manifest, manifest_sha256
 
@@ -182,8 +183,6 @@ def quantized(ctx: Context, recipe: str, attention: str) -> Path:
             return out
     except ArtifactError:
         pass
-    from hita.calibration.recipes import recipe as get_recipe
-
     cal = calibration_set(ctx) if get_recipe(recipe).needs_calibration else None
     t0 = time.perf_counter()
     attempt(f"{recipe} export failed", lambda: export_quantized(

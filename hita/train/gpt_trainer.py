@@ -147,7 +147,7 @@ _DROPOUT_FIELDS = ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropo
 def _read_init(cfg: GPTTrainConfig, model_cfg: GPTConfig) -> dict[str, Tensor] | None:
     from hita.checkpoint import load_gpt
 
-    return common.read_init(cfg.init, "GPT", lambda path: load_gpt(path), model_cfg, ignore=_DROPOUT_FIELDS)
+    return common.read_init(cfg.init, "GPT", load_gpt, model_cfg, ignore=_DROPOUT_FIELDS)
 
 
 class _GPTTrainer(Trainer):
