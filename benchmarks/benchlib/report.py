@@ -18,12 +18,8 @@ def _fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f}%"
-
-
-def _pct1(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
+def _pct(x: float | None, spec: str = ".0f") -> str:
+    return "–" if x is None else f"{format(100 * x, spec)}%"
 
 
 def table_rows(result: BenchResult) -> list[tuple[str, ...]]:
@@ -37,7 +33,7 @@ def table_rows(result: BenchResult) -> list[tuple[str, ...]]:
         out.append((
             r.runtime, batch, _fmt(r.step_ms, ".2f"), _pct(r.spread), _fmt(r.forward_ms, ".2f"),
             _fmt(r.x_eager, ".2f"), _fmt(r.floor_ms, ".2f"), _fmt(r.x_floor, ".2f"), _fmt(r.decode_image_ms, ".0f"),
-            _fmt(r.images_per_s, ".3g"), _pct1(r.top1_vs_eager), _fmt(r.kl_vs_eager, ".1e"),
+            _fmt(r.images_per_s, ".3g"), _pct(r.top1_vs_eager, ".1f"), _fmt(r.kl_vs_eager, ".1e"),
         ))
     return out
 

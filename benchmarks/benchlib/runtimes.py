@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,9 @@ class Context:
     workdir: Path
     max_rows: int
     log: Log
+    # variant -> folder checked or written in this run: several runtimes share one export (gqa: its
+    # own row and two quantized ones; aoti: the C++ host too), and checking means hashing every file.
+    exports: dict[str, Path] = field(default_factory=dict)
 
 
 def reusable(folder: Path, engine: str, ctx: Context, attention: str | None = None) -> bool:
@@ -111,9 +114,12 @@ def exported(ctx: Context, engine: str, attention: str | None = None) -> Path:
     from hita.checkpoint import load_gpt, load_tokenizer
 
     variant = f"{engine}-gqa" if attention == "gqa" else engine
+    if variant in ctx.exports:
+        return ctx.exports[variant]
     out = ctx.workdir / f"{variant}-{ctx.checkpoints.gpt_cfg.name}-seed{ctx.seed}"
     if reusable(out, engine, ctx, attention):
         ctx.log(f"{engine}: reusing the export in {out}")
+        ctx.exports[variant] = out
         return out
     extra: dict[str, Any] = {}
     if engine == "onnx":
@@ -128,6 +134,7 @@ def exported(ctx: Context, engine: str, attention: str | None = None) -> Path:
         load_gpt(ck.gpt), load_tokenizer(ck.tokenizer), out, checkpoints=ck.sources,
         max_batch=max(16, ctx.max_rows), progress=lambda s: ctx.log(f"{variant}: {s}"), **extra))
     ctx.log(f"{variant}: exported in {time.perf_counter() - t0:.0f} s to {out}")
+    ctx.exports[variant] = out
     return out
 
 
